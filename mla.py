@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass, fields, replace
@@ -185,6 +184,7 @@ class MLA(nn.Module):
             cache: if given, c_kv/k_pe of positions [start_pos, start_pos+T) are written into it
                 and x attends over [0, start_pos+T). Calling again with an earlier start_pos rolls
                 the cache back (entries are overwritten). Without a cache, x attends to itself only.
+                The cache is written in place: decode under torch.no_grad().
             mode: "naive" or "absorb"; default cfg.attn_impl with a cache, "naive" without.
         Returns:
             [B, T, dim].
@@ -343,7 +343,7 @@ def demo(small: bool = False, seed: int = 0) -> dict:
         cache = mla.new_cache(1)
         mla(torch.randn(1, contexts[-1] + 1, tiny.dim), 0, cache, mode="naive")  # fill the cache
         for ctx in contexts:
-            ms = _decode_ms(mla, cache, ctx, reps=10 if small else 30)
+            ms = _decode_ms(mla, cache, ctx, reps=10 if small else 50)
             out[f"decode_ms_naive_{ctx}"], out[f"decode_ms_absorb_{ctx}"] = ms["naive"], ms["absorb"]
             out[f"decode_speedup_{ctx}"] = ms["naive"] / ms["absorb"]
     finally:

@@ -18,6 +18,16 @@ ATOL = RTOL = 1e-5
 Q_LORA = [0, 24]  # plain wq (V2-Lite) and the wq_a -> q_norm -> wq_b path (V3)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads waiting
+    for each other made these tests ~100x slower; restore the setting for other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(q_lora_rank: int = 0, **kw) -> MLA:
     cfg = MLAConfig(dim=32, n_heads=3, q_lora_rank=q_lora_rank, kv_lora_rank=16,
                     qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10, max_seq_len=64, **kw)
