@@ -310,8 +310,9 @@ def outlier_errors(x: Tensor, normal: Tensor, tile: tuple[int, int], dtype=E4M3)
             "flushed": ((xd == 0) & normal).float().sum().item() / normal.sum().item()}
 
 
-def _train(fp8: bool, seed: int, steps: int) -> float:
-    """A tiny MLP learns a fixed random teacher (soft labels: the loss has a floor); held-out CE."""
+def train_tiny(fp8: bool, seed: int, steps: int, scale_fmt: str | None = None) -> tuple[float, list[float]]:
+    """A tiny MLP learns a fixed random teacher (soft labels, so the loss has a floor).
+    Returns: (held-out cross-entropy at the end, training loss of every step)."""
     g = torch.Generator().manual_seed(1234)                       # the task is the same for all runs
     w1, w2 = torch.randn(128, 128, generator=g) / 8, torch.randn(128, 16, generator=g)
     teacher = lambda x: torch.multinomial(torch.softmax(torch.tanh(x @ w1) @ w2, -1), 1, generator=g)[:, 0]
@@ -321,33 +322,28 @@ def _train(fp8: bool, seed: int, steps: int) -> float:
     model = nn.Sequential(OrderedDict(fc1=nn.Linear(128, 256), act1=nn.GELU(), fc2=nn.Linear(256, 256),
                                       act2=nn.GELU(), head=nn.Linear(256, 16)))
     if fp8:
-        swap_to_fp8(model)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        swap_to_fp8(model, scale_fmt=scale_fmt)                   # fc1, fc2 in FP8; the head is kept
+    opt, losses = torch.optim.Adam(model.parameters(), lr=2e-3), []
     for _ in range(steps):
         x = torch.randn(256, 128)
         loss = F.cross_entropy(model(x), teacher(x))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        losses.append(loss.item())
     with torch.no_grad():
-        return F.cross_entropy(model(x_val), y_val).item()
+        return F.cross_entropy(model(x_val), y_val).item(), losses
 
 
-def _cuda_speed(n: int, repeats: int = 20) -> float:
-    """Median time of an [n, n] bf16 matmul divided by that of fp8_gemm on the GPU (warm-up first)."""
+def _cuda_speed(n: int) -> float:
+    """Median time of an [n, n] bf16 matmul over that of fp8_gemm on the GPU (torch's Timer warms up
+    and synchronizes)."""
+    from torch.utils.benchmark import Timer
     a, b = torch.randn(n, n, device="cuda"), torch.randn(n, n, device="cuda")
-    (aq, a_s), (bq, b_s), ab, bb = act_quant(a), weight_quant(b), a.bfloat16(), b.bfloat16()
-
-    def median_time(fn) -> float:
-        times = []
-        for _ in range(repeats + 1):                              # the first call is the warm-up
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return sorted(times[1:])[repeats // 2]
-    return median_time(lambda: ab @ bb.T) / median_time(lambda: fp8_gemm(aq, a_s, bq, b_s, torch.bfloat16))
+    env = dict(fp8_gemm=fp8_gemm, ab=a.bfloat16(), bb=b.bfloat16(), a=act_quant(a), b=weight_quant(b),
+               dt=torch.bfloat16)
+    median = lambda stmt: Timer(stmt, globals=env).blocked_autorange(min_run_time=1.0).median
+    return median("ab @ bb.T") / median("fp8_gemm(*a, *b, dt)")
 
 
 def demo(small: bool = False, seed: int = 0) -> dict:
@@ -402,9 +398,9 @@ def _demo(small: bool, seed: int) -> dict:
             r[f"gemm_err_{key}_{K}"] = ((c - ref).abs() / ref.abs()).max().item()
     # 4. training in miniature: FP32 (two seeds) vs FP8 (first seed)
     steps = 60 if small else 400
-    r["train_loss_fp32"] = _train(False, seed, steps)
-    r["train_loss_fp32_seed2"] = _train(False, seed + 1, steps)
-    r["train_loss_fp8"] = _train(True, seed, steps)
+    r["train_loss_fp32"] = train_tiny(False, seed, steps)[0]
+    r["train_loss_fp32_seed2"] = train_tiny(False, seed + 1, steps)[0]
+    r["train_loss_fp8"] = train_tiny(True, seed, steps)[0]
     r["train_fp32_seed_spread"] = abs(r["train_loss_fp32"] - r["train_loss_fp32_seed2"])
     r["train_fp8_minus_fp32"] = r["train_loss_fp8"] - r["train_loss_fp32"]
     r["train_fp8_within_noise"] = abs(r["train_fp8_minus_fp32"]) <= max(

@@ -256,7 +256,7 @@ def test_demo_small_shows_the_papers_claims():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(torch.cuda.is_available() and fp8_backend() == "simulated",
-                    reason="no FP8 scaled matmul on this GPU/torch (row-wise: sm_89+; blockwise: sm_90, CUDA 12.9)")
+                    reason="no FP8 scaled matmul here (row-wise: sm_89+; blockwise: sm_90, CUDA 12.9)")
 def test_gpu_path_agrees_with_simulation():
     a, b = torch.randn(3, 70, 300), torch.randn(200, 300)
     (aq, a_s), (bq, b_s), (bq2, b_s2) = act_quant(a), weight_quant(b), act_quant(b)
@@ -267,4 +267,9 @@ def test_gpu_path_agrees_with_simulation():
     lin = nn.Linear(300, 200)
     f8, f8_gpu = Fp8Linear.from_linear(lin), Fp8Linear.from_linear(nn.Linear(300, 200).cuda())
     f8_gpu.load_state_dict(f8.state_dict())
-    close(f8_gpu(a.cuda()).cpu(), f8(a).detach(), BF16_OUT)
+    y, y_gpu = f8(a), f8_gpu(a.cuda())
+    close(y_gpu.detach().cpu(), y.detach(), BF16_OUT)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_gpu.backward(g.cuda())
+    close(f8_gpu.weight.grad.cpu(), f8.weight.grad, BF16_OUT)
