@@ -1,0 +1,179 @@
+"""train.py: the assembled model, its tokenizer and world, generation, checkpoints and the loop."""
+import json
+import os
+import random
+import re
+
+import pytest
+import torch
+
+import train
+from moe import MoE, update_gate_biases
+
+torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a shared CPU
+
+
+def tiny_config(tmp_path, **train_kw) -> train.Config:
+    """A model of a few thousand parameters; every component (MLA, dense FFN, MoE, MTP) present."""
+    args = train.parse_config([
+        "--dim", "32", "--n-layers", "2", "--n-dense-layers", "1", "--inter-dim", "64",
+        "--n-heads", "2", "--kv-lora-rank", "16", "--qk-nope-head-dim", "8", "--qk-rope-head-dim", "4",
+        "--v-head-dim", "8", "--moe-inter-dim", "16", "--n-routed-experts", "4",
+        "--n-activated-experts", "2", "--max-seq-len", "256", "--seq-len", "64", "--batch-size", "4",
+        "--max-digits", "2", "--eval-n", "4", "--log-interval", "1", "--out", str(tmp_path / "run")])
+    for k, v in train_kw.items():
+        setattr(args.train, k, v)
+    return args
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    cfg = tiny_config(tmp_path)
+    enc, heldout, world = train.make_tokenizer_and_world(cfg.train, 8)
+    model = train.build_model(cfg, enc, "cpu")
+    return cfg, enc, heldout, world, model
+
+
+def test_tokenizer_round_trips_and_splits_digits(tiny):
+    _, enc, _, _, _ = tiny
+    text = "<|bos|>90817+2345=<think>90817+2345:7+5+0=12,2</think><answer>93162</answer><|eos|>"
+    ids = train.encode(enc, text)
+    assert enc.decode(ids) == text
+    for d in "0123456789":
+        assert train.encode(enc, d) == [enc.encode_single_token(d)]
+    digit_ids = {enc.encode_single_token(d) for d in "0123456789"}
+    # every digit in the text is its own token: as many digit tokens as digits
+    assert sum(i in digit_ids for i in ids) == sum(c.isdigit() for c in re.sub(r"<[^>]*>", "", text))
+    for name in train.SPECIALS:
+        assert train.encode(enc, name) == [train.special_id(enc, name)], f"{name} must be one token"
+
+
+def test_tokenizer_survives_checkpoint_state(tiny):
+    _, enc, _, _, _ = tiny
+    enc2 = train.tokenizer_from_state(train.tokenizer_state(enc))
+    text = "<|bos|>12+345=<answer>357</answer>"
+    assert enc2.encode(text, allowed_special="all") == train.encode(enc, text)
+
+
+def test_think_steps_compute_the_sum():
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b = rng.randint(0, 10 ** rng.randint(1, 6)), rng.randint(0, 10 ** rng.randint(1, 6))
+        prompt, response = train.render(a, b, think=True)
+        steps = re.search(r"<think>(.*)</think>", response).group(1).split(" ")
+        for step in steps:  # each step's own arithmetic is right
+            x, y, c, s = map(int, re.match(r"\d*\+\d*:(\d)\+(\d)\+(\d)=(\d+),\d+$", step).groups())
+            assert x + y + c == s
+        assert steps[-1].endswith("," + str(a + b)), "the last step's answer-so-far is the sum"
+        assert train.parse_answer(response) == a + b
+
+
+def test_heldout_problems_never_appear_in_training_data(tmp_path):
+    # With 1-digit operands there are only 100 problems: hold out 30 and read 300 training rows.
+    cfg = tiny_config(tmp_path, max_digits=1)
+    enc, heldout, world = train.make_tokenizer_and_world(cfg.train, 30)
+    assert len(set(heldout)) == 30
+    seen = set()
+    for j in range(300):
+        text = enc.decode(world.row(j))
+        seen |= {(int(a), int(b)) for a, b in re.findall(r"<\|bos\|>(\d+)\+(\d+)=", text)}
+    assert len(seen) > 50, "the training stream should cover most of the 70 allowed problems"
+    assert not seen & set(heldout), f"held-out problems leaked into training: {sorted(seen & set(heldout))[:5]}"
+
+
+def test_harder_split_has_more_digits_than_training():
+    problems = train.eval_split("harder", 50, max_digits=3)
+    assert all(len(str(a)) == 4 and len(str(b)) == 4 for a, b in problems)
+
+
+def test_cached_generation_equals_uncached(tiny):
+    _, enc, heldout, _, model = tiny
+    model.eval()
+    prompts = torch.tensor([train.encode(enc, train.render(a, b, False)[0]) for a, b in [(12, 34), (56, 78)]])
+    cached = model.generate(prompts, 40, temperature=0.0)
+    uncached = model.generate(prompts, 40, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached), "absorbed-MLA cached decoding must reproduce full recomputation"
+
+
+def test_sampled_generation_is_reproducible_with_a_generator(tiny):
+    _, enc, _, _, model = tiny
+    x = torch.tensor([train.encode(enc, "<|bos|>1+2=")] * 3)
+    runs = [model.generate(x, 20, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_gate_biases_change_once_per_optimizer_step_not_per_micro_batch(tiny):
+    _, _, _, world, model = tiny
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moes, "the tiny model must contain MoE layers"
+    before = [m.gate.bias.clone() for m in moes]
+    for micro in range(3):  # gradient accumulation: forward/backward only
+        batch = world.batch(range(4 * micro, 4 * micro + 4))
+        loss, _ = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        for m, b in zip(moes, before):
+            assert torch.equal(m.gate.bias, b), "the bias must not move inside forward or per micro-batch"
+    assert all(m.gate.bias.grad is None for m in moes), "the bias receives no gradient"
+    update_gate_biases(model)
+    assert any(not torch.equal(m.gate.bias, b) for m, b in zip(moes, before)), "one update per step"
+
+
+def test_smoke_run_lowers_the_loss(tmp_path):
+    cfg = tiny_config(tmp_path, steps=40, eval_interval=40, lr=1e-2, warmup=2)
+    summary = train.train(cfg)
+    rows = [json.loads(l) for l in open(os.path.join(cfg.train.out, "metrics.jsonl")) if '"loss"' in l]
+    assert rows[-1]["ce"] < rows[0]["ce"] - 1.0, f"loss should fall: {rows[0]['ce']:.3f} -> {rows[-1]['ce']:.3f}"
+    for key in ["heldout_accuracy_think", "heldout_accuracy_greedy", "think_rate_greedy",
+                "mean_length_greedy", "tokens_per_second", "params_total", "params_active", "wall_seconds"]:
+        assert key in summary
+    assert summary["params_active"] < summary["params_total"]
+    assert os.path.exists(os.path.join(cfg.train.out, "pretrain.png"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    kw = dict(steps=6, eval_interval=3, warmup=2)
+    full = tiny_config(tmp_path / "a", **kw)
+    train.train(full)
+    part = tiny_config(tmp_path / "b", **kw)
+    train.train(part, stop_at=3)                     # "interrupted" after the step-3 checkpoint
+    part.train.resume = True
+    train.train(part)
+
+    def losses(cfg):
+        rows = [json.loads(l) for l in open(os.path.join(cfg.train.out, "metrics.jsonl"))]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    a, b = losses(full), losses(part)
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)], f"resumed losses differ: {a} vs {b}"
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    cfg, enc, _, _, model = tiny
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, model, None, 5, cfg, enc)
+    model2, enc2, cfg2, ckpt = train.load_checkpoint(path)
+    assert ckpt["step"] == 5 and cfg2 == cfg
+    x = torch.tensor([train.encode(enc, "<|bos|>12+34=")])
+    assert torch.equal(model.eval()(x), model2.eval()(x))
+    assert not any(f.startswith("ckpt.pt.tmp") for f in os.listdir(tmp_path)), "no temp file left behind"
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        train.load_checkpoint(str(path))
+    with pytest.raises(SystemExit, match="run `python train.py` first"):
+        train.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--seq-len", "4096"], "exceeds --max-seq-len"),
+    (["--n-activated-experts", "99"], ""),
+    (["--qk-rope-head-dim", "7"], ""),
+])
+def test_bad_flags_fail_early_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(argv)
+    err = capsys.readouterr().err
+    assert "error" in err and message in err

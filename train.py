@@ -1,0 +1,726 @@
+"""The miniature DeepSeek-V3: model, tokenizer, a verifiable reasoning world, and pretraining.
+
+This is the wiring file. It assembles the concept files into DeepSeek-V3's architecture (V3 §2):
+
+    Block       = x + MLA(RMSNorm(x)); x + FFN(RMSNorm(x)), FFN dense for the first
+                  n_dense_layers (V3 keeps 3 dense) and DeepSeekMoE after
+    Transformer = embed -> blocks -> RMSNorm -> head, plus D MTP modules sharing embed and head
+    loss        = CE(next token) + L_MTP (λ/D Σ CE_k) + sequence-wise balance loss;
+                  MoE gate biases updated once per optimizer step (auxiliary-loss-free balancing)
+
+The data is a world where reasoning is *verifiable* and *pays*, which is what the R1 story needs:
+multi-digit addition, answered either directly (`<answer>7329</answer>`) or step by step
+(`<think>8+1+0=9 3+9+0=12 ...</think><answer>7329</answer>`, one column at a time with its carry).
+The corpus mostly answers directly, so the pretrained model *can* reason (force `<think>` and it is
+right) but rarely *chooses* to. grpo.py's RL must discover that thinking pays, as R1-Zero did.
+
+    python train.py                    # pretrain (≈ minutes on a laptop CPU), writes out/pretrain/
+    python train.py --sample "123+456="  # complete prompts with the checkpoint
+    python train.py --bench            # tokens/s of this model vs a plain dense GPT of equal active size
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, is_dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tiktoken
+
+from mla import MLA, MLAConfig
+from moe import MLP, MoE, MoEConfig, moe_aux_loss, param_counts, update_gate_biases
+from mtp import MTPConfig, MTPModule, mtp_loss
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 0           # set from the tokenizer
+    dim: int = 128
+    n_layers: int = 4
+    n_dense_layers: int = 1       # the first layers use a dense FFN (V3: 3 of 61)
+    inter_dim: int = 384          # dense FFN hidden size
+    max_seq_len: int = 512
+    norm_eps: float = 1e-6
+    pad_id: int = 0               # set from the tokenizer
+    stop_ids: tuple = ()          # generation stops at these (end of answer); set from the tokenizer
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(moe_inter_dim=96, n_routed_experts=8,
+                                                             n_activated_experts=2))
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+
+    def __post_init__(self):      # one width for every component: the sub-configs follow `dim`
+        self.mla.dim = self.moe.dim = self.dim
+        self.mla.max_seq_len, self.mla.norm_eps = self.max_seq_len, self.norm_eps
+        self.stop_ids = tuple(self.stop_ids)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 16          # sequences per micro-batch per process
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 25
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_digits: int = 5           # training operands have 1..max_digits digits
+    think_frac: float = 0.25      # share of step-by-step answers in the corpus
+    eval_interval: int = 250
+    eval_n: int = 200
+    log_interval: int = 25
+    device: str = "auto"
+    seed: int = 0
+    out: str = "out/pretrain"
+    resume: bool = False
+    sample: str = ""
+    bench: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Sub-config fields that follow ModelArgs and so get no flag of their own.
+DERIVED = {"dim", "max_seq_len", "norm_eps"}
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from dataclasses.asdict output (as stored in checkpoints)."""
+    m = dict(d["model"])
+    m["mla"], m["moe"], m["mtp"] = MLAConfig(**m["mla"]), MoEConfig(**m["moe"]), MTPConfig(**m["mtp"])
+    return Config(model=ModelArgs(**m), train=TrainConfig(**d["train"]))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<think>", "</think>", "<answer>", "</answer>"]
+# Digits are always single tokens: they never share a pre-token chunk, so no merge can join them.
+PAT_STR = r""" ?[^\s\d]+|\d|\s+(?!\S)|\s+"""
+
+
+def learn_merges(text: str, n_merges: int) -> dict[bytes, int]:
+    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for s in SPECIALS:
+        text = text.replace(s, " ")
+    words = Counter(tuple(bytes([b]) for b in w.encode()) for w in re.findall(PAT_STR, text))
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += c
+        if not pairs or pairs.most_common(1)[0][1] < 2:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        words = Counter({_merge(w, a, b): c for w, c in words.items()})
+    return ranks
+
+
+def _merge(w: tuple, a: bytes, b: bytes) -> tuple:
+    out, i = [], 0
+    while i < len(w):
+        if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return tuple(out)
+
+
+def build_tokenizer(ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    specials = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
+    return tiktoken.Encoding("mini-deepseek", pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens=specials)
+
+
+def tokenizer_state(enc: tiktoken.Encoding) -> dict:
+    """What a checkpoint stores to rebuild the tokenizer exactly (plain types: weights_only-safe)."""
+    return {"ranks": [[k.hex(), v] for k, v in enc._mergeable_ranks.items()]}
+
+
+def tokenizer_from_state(state: dict) -> tiktoken.Encoding:
+    return build_tokenizer({bytes.fromhex(k): v for k, v in state["ranks"]})
+
+
+def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
+    return enc.encode(text, allowed_special="all")
+
+
+def special_id(enc: tiktoken.Encoding, name: str) -> int:
+    return enc.encode_single_token(name)
+
+
+# ----------------------------------------------------------------------------- reasoning world
+
+
+def think_steps(a: int, b: int) -> str:
+    """Column addition, right to left. Each step restates what is left of both numbers, adds their
+    last digits and the carry, and writes the answer so far:  '4738+2591:8+1+0=9,9 473+259:3+9+0=12,29 …'.
+    Every step only copies or adds neighbours: no step has to count positions in the prompt, which
+    is what makes the scratchpad learnable by a tiny model (and a reader can follow it)."""
+    ra, rb, carry, so_far, steps = str(a), str(b), 0, "", []
+    while ra or rb or carry:
+        x, y = int(ra[-1]) if ra else 0, int(rb[-1]) if rb else 0
+        s = x + y + carry
+        so_far = str(s % 10) + so_far
+        steps.append(f"{ra}+{rb}:{x}+{y}+{carry}={s},{so_far}")
+        ra, rb, carry = ra[:-1], rb[:-1], s // 10
+    return " ".join(steps)
+
+
+def render(a: int, b: int, think: bool) -> tuple[str, str]:
+    """One problem as (prompt, response). The prompt never says which style to use."""
+    prompt = f"<|bos|>{a}+{b}="
+    reasoning = f"<think>{think_steps(a, b)}</think>" if think else ""
+    return prompt, f"{reasoning}<answer>{a + b}</answer>"
+
+
+def sample_problem(rng: random.Random, min_digits: int, max_digits: int) -> tuple[int, int]:
+    def number() -> int:
+        n = rng.randint(min_digits, max_digits)
+        return rng.randint(10 ** (n - 1) if n > 1 else 0, 10 ** n - 1)
+    return number(), number()
+
+
+def eval_split(split: str, n: int, max_digits: int, seed: int = 1234) -> list[tuple[int, int]]:
+    """Held-out problems (same digit range as training, excluded from it) or a harder split
+    (max_digits + 1 digits, never seen in training)."""
+    rng = random.Random(f"{split}-{seed}")
+    lo, hi = (1, max_digits) if split == "heldout" else (max_digits + 1, max_digits + 1)
+    if split not in ("heldout", "harder"):
+        raise ValueError(f"unknown split {split!r}: use 'heldout' or 'harder'")
+    out = []
+    while len(out) < n:
+        p = sample_problem(rng, lo, hi)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+class World:
+    """The training stream: row j of the corpus is a deterministic function of (seed, j), so any
+    process, any resume, any batch split sees exactly the same data. Held-out problems never occur."""
+
+    def __init__(self, enc: tiktoken.Encoding, tc: TrainConfig, heldout: set[tuple[int, int]]):
+        self.enc, self.tc, self.heldout = enc, tc, heldout
+        self.eos = special_id(enc, "<|eos|>")
+
+    def example(self, rng: random.Random) -> list[int]:
+        while (p := sample_problem(rng, 1, self.tc.max_digits)) in self.heldout:
+            pass
+        prompt, response = render(*p, think=rng.random() < self.tc.think_frac)
+        return encode(self.enc, prompt + response) + [self.eos]
+
+    def row(self, j: int) -> list[int]:
+        rng, toks = random.Random(f"{self.tc.seed}-{j}"), []
+        while len(toks) < self.tc.seq_len + 1:
+            toks += self.example(rng)
+        return toks[: self.tc.seq_len + 1]
+
+    def batch(self, rows: range) -> torch.Tensor:
+        return torch.tensor([self.row(j) for j in rows])          # [B, seq_len + 1]
+
+    def corpus_sample(self, n_rows: int = 200) -> str:
+        return "".join(self.enc.decode(self.row(-1 - j)) for j in range(n_rows))
+
+
+def corpus_text(tc: TrainConfig, n: int = 3000) -> str:
+    """Text to learn BPE merges from (before the tokenizer exists: no token ids needed)."""
+    rng = random.Random(f"merges-{tc.seed}")
+    return "".join("".join(render(*sample_problem(rng, 1, tc.max_digits), rng.random() < tc.think_frac))
+                   for _ in range(n))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense FFN or DeepSeekMoE (V3 Fig. 2)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attn = MLA(args.mla)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args.moe)
+
+    def forward(self, x, start_pos: int = 0, cache=None, mode: str | None = None):
+        x = x + self.attn(self.attn_norm(x), start_pos, cache, mode)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def new_cache(self, batch_size: int, max_len: int):
+        p = self.attn_norm.weight
+        return self.attn.new_cache(batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # MTP depth k uses one more block of the kind the last layer has (MoE in V3).
+        self.mtp = nn.ModuleList(MTPModule(args.dim, Block(args.n_layers, args), self.embed, self.head,
+                                           args.norm_eps) for _ in range(args.mtp.n_mtp_depth))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def new_cache(self, batch_size: int, max_len: int) -> list:
+        return [layer.new_cache(batch_size, max_len) for layer in self.layers]
+
+    def forward_hidden(self, tokens, start_pos: int = 0, cache=None, mode: str | None = None):
+        """tokens [B, T] -> hidden states [B, T, dim] before the final norm."""
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, None if cache is None else cache[i], mode)
+        return h
+
+    def logits(self, h):
+        return self.head(self.norm(h))
+
+    def forward(self, tokens, targets=None):
+        """tokens [B, T] -> logits [B, T, V]; with targets [B, T], the training loss and its parts."""
+        h = self.forward_hidden(tokens, mode="naive")
+        logits = self.logits(h)
+        if targets is None:
+            return logits
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        # MTP depth k at position i predicts the token k+1 ahead: the inputs plus the last target.
+        full = torch.cat([tokens, targets[:, -1:]], dim=1)
+        mtp = mtp_loss(self.mtp, h, full, self.args.mtp.mtp_lambda) if len(self.mtp) else ce.new_zeros(())
+        aux = moe_aux_loss(self)
+        return ce + mtp + aux, {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach()}
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Continue every row of tokens [B, T] (temperature 0 = greedy). Rows stop at a stop token
+        (then pad); the loop stops when all rows have. Returns [B, T + n_new]. Decoding uses the
+        MLA latent cache with absorbed attention; use_cache=False recomputes everything (a check)."""
+        B, T = tokens.shape
+        if T + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                             f"({self.args.max_seq_len}): shorten the prompt or generate fewer tokens")
+        stop = torch.tensor(self.args.stop_ids, dtype=torch.long, device=tokens.device)
+        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        out, done = tokens, torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        h = self.forward_hidden(tokens, 0, cache, mode="absorb" if use_cache else "naive")
+        for _ in range(max_new_tokens):
+            nxt = sample_next(self.logits(h[:, -1]).float(), temperature, top_k, generator)
+            nxt = nxt.masked_fill(done, self.args.pad_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= torch.isin(nxt, stop)
+            if done.all() or out.shape[1] == T + max_new_tokens:
+                break
+            if use_cache:
+                h = self.forward_hidden(nxt[:, None], out.shape[1] - 1, cache, mode="absorb")
+            else:
+                h = self.forward_hidden(out, mode="naive")
+        return out
+
+
+def sample_next(logits, temperature: float, top_k: int | None, generator=None):
+    """logits [B, V] -> token ids [B]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def generate_texts(model: Transformer, enc, prompts: list[str], max_new_tokens: int,
+                   temperature: float = 0.0, generator=None, batch_size: int = 256) -> list[str]:
+    """Complete text prompts. Prompts are bucketed by token length so a batch needs no padding
+    (positions stay shared by the batch, which is what the MLA cache expects)."""
+    ids = [encode(enc, p) for p in prompts]
+    buckets: dict[int, list[int]] = {}
+    for i, t in enumerate(ids):
+        buckets.setdefault(len(t), []).append(i)
+    out = [""] * len(prompts)
+    device = next(model.parameters()).device
+    for length, idx in sorted(buckets.items()):
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            x = torch.tensor([ids[i] for i in chunk], device=device)
+            y = model.generate(x, max_new_tokens, temperature, generator=generator)
+            for i, row in zip(chunk, y[:, length:].tolist()):
+                out[i] = enc.decode([t for t in row if t != model.args.pad_id])
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+ANSWER_RE = re.compile(r"<answer>(\d{1,40})</answer>")
+
+
+def parse_answer(response: str) -> int | None:
+    """The integer inside the first <answer>…</answer>, or None. Parsed, never evaluated."""
+    m = ANSWER_RE.search(response)
+    return int(m.group(1)) if m else None
+
+
+def max_response_tokens(max_digits: int) -> int:
+    """Enough for the longest step-by-step answer (measured on the widest problem) plus slack."""
+    a = 10 ** max_digits - 1
+    return len(render(a, a, True)[1]) + 8
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], max_digits: int) -> dict:
+    """Greedy accuracy when made to reason (prompt ends with <think>), and the model's own choice:
+    accuracy, reasoning rate and mean response length (tokens)."""
+    was_training = model.training
+    model.eval()
+    n_new = max_response_tokens(max_digits)
+    prompts = [render(a, b, False)[0] for a, b in problems]
+    forced = generate_texts(model, enc, [p + "<think>" for p in prompts], n_new)
+    free = generate_texts(model, enc, prompts, n_new)
+    targets = [a + b for a, b in problems]
+    model.train(was_training)
+    return {
+        "accuracy_think": sum(parse_answer(r) == t for r, t in zip(forced, targets)) / len(targets),
+        "accuracy_greedy": sum(parse_answer(r) == t for r, t in zip(free, targets)) / len(targets),
+        "think_rate_greedy": sum(r.startswith("<think>") for r in free) / len(free),
+        "mean_length_greedy": sum(len(encode(enc, r)) for r in free) / len(free),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str, model: Transformer, opt, step: int, cfg: Config, enc) -> None:
+    """Atomic: write a temp file beside the target, then rename (a crash never leaves half a file)."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None, "step": step,
+             "config": dataclasses.asdict(cfg), "tokenizer": tokenizer_state(enc),
+             "rng": torch.get_rng_state()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: str = "cpu") -> tuple[Transformer, tiktoken.Encoding, Config, dict]:
+    """Rebuild model, tokenizer and config from a checkpoint (weights_only: no code is unpickled)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}: run `python train.py` first (or pass the right path)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        cfg = config_from_dict(ckpt["config"])
+        enc = tokenizer_from_state(ckpt["tokenizer"])
+        model = Transformer(cfg.model).to(device)
+        model.load_state_dict(ckpt["model"])
+    except SystemExit:
+        raise
+    except Exception as e:  # a user's file: say what is wrong in one line, not a torch traceback
+        raise SystemExit(f"error: {path} is not a readable checkpoint of this project "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-run train.py to make one")
+    return model, enc, cfg, ckpt
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu or auto")
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_frac·lr."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    t = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (tc.min_lr_frac + (1 - tc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_tokenizer_and_world(tc: TrainConfig, n_heldout: int):
+    enc = build_tokenizer(learn_merges(corpus_text(tc), n_merges=64))
+    heldout = eval_split("heldout", n_heldout, tc.max_digits)
+    return enc, heldout, World(enc, tc, set(heldout))
+
+
+def build_model(cfg: Config, enc: tiktoken.Encoding, device: str) -> Transformer:
+    m = cfg.model
+    m.vocab_size, m.pad_id = enc.n_vocab, special_id(enc, "<|pad|>")
+    m.stop_ids = (special_id(enc, "</answer>"), special_id(enc, "<|eos|>"))
+    return Transformer(m).to(device)
+
+
+def log(msg: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def train(cfg: Config, stop_at: int | None = None) -> dict:
+    """Pretrain; returns the summary dict. stop_at ends the run early (as if interrupted)."""
+    tc = cfg.train
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+    os.makedirs(tc.out, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "metrics.jsonl")
+    enc, heldout, world = make_tokenizer_and_world(tc, tc.eval_n)
+    model = build_model(cfg, enc, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    start = 0
+    if tc.resume and os.path.exists(ckpt_path):
+        _, _, _, ckpt = load_checkpoint(ckpt_path, device)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {start}", rank)
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    total, active = param_counts(model)
+    log(f"model: {total:,} parameters, {active:,} active per token | vocab {enc.n_vocab} | device {device}"
+        f" | {world_size} process(es)", rank)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    rows_per_step = tc.batch_size * tc.grad_accum * world_size
+    t0, tokens_seen, summary, last_log = time.time(), 0, {}, time.time()
+    for step in range(start, tc.steps if stop_at is None else min(stop_at, tc.steps)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        for micro in range(tc.grad_accum):
+            first = step * rows_per_step + (micro * world_size + rank) * tc.batch_size
+            batch = world.batch(range(first, first + tc.batch_size)).to(device)
+            sync = micro == tc.grad_accum - 1 or world_size == 1
+            with autocast, (nullcontext() if sync else ddp.no_sync()):
+                loss, parts = ddp(batch[:, :-1], batch[:, 1:])
+                (loss / tc.grad_accum).backward()
+            tokens_seen += batch[:, 1:].numel() * world_size
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss became {loss.item()} at step {step}; the last good checkpoint "
+                             f"is kept at {ckpt_path}. Try a lower --lr or --grad-clip.")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        balance = update_gate_biases(model)      # once per optimizer step, from this step's loads
+        done = step + 1
+        if rank == 0 and (done % tc.log_interval == 0 or done == tc.steps or time.time() - last_log > 10):
+            last_log, el = time.time(), time.time() - t0
+            tps = tokens_seen / el
+            row = {"step": done, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                   "lr": lr_at(step, tc), "tokens_per_s": tps, "elapsed_s": el,
+                   **{k: float(v) for k, v in balance.items()}}
+            append_jsonl(metrics_path, row)
+            eta = el / (done - start) * (tc.steps - done)
+            log(f"step {done:5d}/{tc.steps} | loss {row['loss']:.4f} (ce {row['ce']:.4f}) | "
+                f"{tps:,.0f} tok/s | {el:.0f}s elapsed, ETA {eta:.0f}s")
+        if rank == 0 and (done % tc.eval_interval == 0 or done == tc.steps):
+            ev = evaluate(model, enc, heldout, tc.max_digits)
+            append_jsonl(metrics_path, {"step": done, **ev})
+            log(f"eval @ {done}: accuracy (think) {ev['accuracy_think']:.3f} | accuracy (own choice) "
+                f"{ev['accuracy_greedy']:.3f} | think rate {ev['think_rate_greedy']:.3f} | "
+                f"length {ev['mean_length_greedy']:.1f} tokens")
+            save_checkpoint(ckpt_path, model, opt, done, cfg, enc)
+            summary = {"heldout_" + k if k.startswith("accuracy") else k: v for k, v in ev.items()}
+    if rank == 0 and summary:
+        el = time.time() - t0
+        harder = evaluate(model, enc, eval_split("harder", tc.eval_n // 2, tc.max_digits), tc.max_digits + 1)
+        summary.update(tokens_per_second=tokens_seen / el, params_total=total, params_active=active,
+                       wall_seconds=el, steps=tc.steps, final_loss=loss.item(),
+                       harder_accuracy_think=harder["accuracy_think"],
+                       harder_accuracy_greedy=harder["accuracy_greedy"])
+        with open(os.path.join(tc.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        plot_metrics(metrics_path, tc.out)
+        log(f"done in {el:.0f}s; summary in {os.path.join(tc.out, 'summary.json')}")
+    return summary
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def plot_metrics(metrics_path: str, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "accuracy_think" in r]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a1.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label="next-token CE")
+    a1.plot([r["step"] for r in train_rows], [r["mtp"] for r in train_rows], label="MTP loss (λ-weighted)")
+    a1.set(xlabel="step", ylabel="loss", title="pretraining loss")
+    a1.legend()
+    for key, label in [("accuracy_think", "accuracy when made to think"),
+                       ("accuracy_greedy", "accuracy, own choice"), ("think_rate_greedy", "think rate")]:
+        a2.plot([r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o", label=label)
+    a2.set(xlabel="step", ylim=(-0.02, 1.02), title="held-out evaluation (greedy)")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "pretrain.png"), dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- baseline for --bench
+
+
+class GPTBlock(nn.Module):
+    """A plain dense GPT block (multi-head attention + SwiGLU) — the baseline MLA+MoE is compared to."""
+
+    def __init__(self, dim: int, n_heads: int, inter_dim: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.mlp = MLP(dim, inter_dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, -1).unbind(2)   # [B, T, H, hd]
+        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.norm2(x))
+
+
+def bench(cfg: Config, n_iters: int = 10) -> dict:
+    """Training tokens/s (forward + backward) of our model vs a dense GPT of the same width and depth
+    whose FFN is sized so its parameter count equals our ACTIVE parameter count."""
+    tc, m = cfg.train, cfg.model
+    enc, _, world = make_tokenizer_and_world(tc, 16)
+    ours = build_model(cfg, enc, "cpu")
+    _, active = param_counts(ours)
+    per_layer = (active - 2 * m.vocab_size * m.dim) / m.n_layers      # non-embedding, per layer
+    inter = max(8, round((per_layer - 4 * m.dim * m.dim) / (3 * m.dim)))
+    dense = nn.Sequential(nn.Embedding(m.vocab_size, m.dim),
+                          *[GPTBlock(m.dim, m.mla.n_heads, inter) for _ in range(m.n_layers)],
+                          nn.RMSNorm(m.dim), nn.Linear(m.dim, m.vocab_size, bias=False))
+    batch = world.batch(range(tc.batch_size))
+    x, y = batch[:, :-1], batch[:, 1:]
+    steps = {"ours": lambda: ours(x, y)[0].backward(),
+             "dense": lambda: F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).backward()}
+    times = {k: [] for k in steps}
+    for i in range(n_iters + 2):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            if i >= 2:
+                times[k].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"tokens_per_s_ours": x.numel() / med["ours"], "tokens_per_s_dense": x.numel() / med["dense"],
+            "params_active_ours": active, "params_dense": sum(p.numel() for p in dense.parameters()),
+            "slowdown_vs_dense": med["ours"] / med["dense"]}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_flags(parser: argparse.ArgumentParser, dc, skip=()) -> None:
+    """One flag per dataclass field (--n-layers for n_layers), recursing into sub-configs."""
+    for f in fields(dc):
+        value = getattr(dc, f.name)
+        if is_dataclass(value):   # sub-configs of ModelArgs follow its dim etc.: no flags for those
+            add_flags(parser, value, DERIVED if isinstance(dc, ModelArgs) else ())
+        elif f.name in skip or f.name in ("vocab_size", "pad_id", "stop_ids"):
+            continue
+        elif isinstance(value, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=value,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(value), default=value,
+                                help=f"(default {value})")
+
+
+def apply_flags(dc, args: argparse.Namespace, skip=()) -> None:
+    for f in fields(dc):
+        value = getattr(dc, f.name)
+        if is_dataclass(value):
+            apply_flags(value, args, DERIVED if isinstance(dc, ModelArgs) else ())
+        elif f.name not in skip and hasattr(args, f.name):
+            setattr(dc, f.name, getattr(args, f.name))
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    cfg = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(parser, cfg)
+    args = parser.parse_args(argv)
+    apply_flags(cfg, args)
+    cfg.model.__post_init__()
+    try:
+        cfg.model.mla.validate()
+        cfg.model.moe.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    tc = cfg.train
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_n", "max_digits"):
+        if getattr(tc, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive (got {getattr(tc, name)})")
+    if tc.seq_len > cfg.model.max_seq_len:
+        parser.error(f"--seq-len {tc.seq_len} exceeds --max-seq-len {cfg.model.max_seq_len}")
+    return cfg
+
+
+def sample_main(cfg: Config) -> None:
+    model, enc, _, _ = load_checkpoint(os.path.join(cfg.train.out, "ckpt.pt"))
+    model.eval()
+    prompt = cfg.train.sample if cfg.train.sample.startswith("<|bos|>") else "<|bos|>" + cfg.train.sample
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    n_new = model.args.max_seq_len - len(encode(enc, prompt)) - 1
+    n_new = min(n_new, 160)
+    print(f"prompt: {prompt}")
+    print(f"greedy : {generate_texts(model, enc, [prompt], n_new)[0]}")
+    for r in generate_texts(model, enc, [prompt] * 3, n_new, temperature=1.0, generator=g):
+        print(f"T=1    : {r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    if cfg.train.sample:
+        return sample_main(cfg)
+    if cfg.train.bench:
+        r = bench(cfg)
+        print(json.dumps(r, indent=2))
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
