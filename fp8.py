@@ -116,7 +116,10 @@ def fp8_backend(device: torch.device | int | None = None) -> str:
     scaled matmul runs on sm_89/sm_90. The env var FP8_BACKEND overrides the choice.
     """
     if os.environ.get("FP8_BACKEND"):
-        return os.environ["FP8_BACKEND"]
+        choice = os.environ["FP8_BACKEND"]
+        if choice not in ("cuda-blockwise", "cuda-rowwise", "simulated"):
+            raise ValueError(f"FP8_BACKEND={choice!r}: set it to cuda-blockwise, cuda-rowwise or simulated")
+        return choice
     if not torch.cuda.is_available() or torch.version.hip or not torch.version.cuda:
         return "simulated"
     cap = torch.cuda.get_device_capability(device)
