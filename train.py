@@ -356,24 +356,31 @@ def sample_next(logits, temperature: float, top_k: int | None, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def generate_texts(model: Transformer, enc, prompts: list[str], max_new_tokens: int,
-                   temperature: float = 0.0, generator=None, batch_size: int = 256) -> list[str]:
-    """Complete text prompts. Prompts are bucketed by token length so a batch needs no padding
-    (positions stay shared by the batch, which is what the MLA cache expects)."""
-    ids = [encode(enc, p) for p in prompts]
+def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 generator=None, batch_size: int = 256, use_cache: bool = True) -> list[list[int]]:
+    """Complete token-id prompts of any lengths; returns each response's ids (up to and including
+    its stop token, no padding). Prompts are bucketed by length so a batch needs no padding: the
+    batch shares positions, which is what the MLA cache expects."""
     buckets: dict[int, list[int]] = {}
-    for i, t in enumerate(ids):
+    for i, t in enumerate(prompts):
         buckets.setdefault(len(t), []).append(i)
-    out = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     device = next(model.parameters()).device
     for length, idx in sorted(buckets.items()):
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            x = torch.tensor([ids[i] for i in chunk], device=device)
-            y = model.generate(x, max_new_tokens, temperature, generator=generator)
+            x = torch.tensor([prompts[i] for i in chunk], device=device)
+            y = model.generate(x, max_new_tokens, temperature, generator=generator, use_cache=use_cache)
             for i, row in zip(chunk, y[:, length:].tolist()):
-                out[i] = enc.decode([t for t in row if t != model.args.pad_id])
+                out[i] = [t for t in row if t != model.args.pad_id]
     return out
+
+
+def generate_texts(model: Transformer, enc, prompts: list[str], max_new_tokens: int,
+                   temperature: float = 0.0, generator=None) -> list[str]:
+    """Complete text prompts (see generate_ids)."""
+    ids = generate_ids(model, [encode(enc, p) for p in prompts], max_new_tokens, temperature, generator)
+    return [enc.decode(r) for r in ids]
 
 
 # ----------------------------------------------------------------------------- evaluation
