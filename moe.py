@@ -18,20 +18,17 @@ Unbalanced routing wastes compute and can collapse (a few experts get the tokens
 so they get the tokens). Instead of a loss that fights the language-modelling gradient, V3 nudges b, a
 buffer without gradient, once per optimizer step from the loads c_i of that step (summed over all
 processes): b_i += gamma * sign(mean(c) - c_i), gamma = 1e-3. A tiny complementary sequence-wise loss
-guards each sequence (eq. 17-20): L_Bal = alpha sum_i f_i P_i, f_i = E/(K T) #{t: i chosen},
-P_i = mean_t s'_i,t with s' = s normalised over experts, alpha = 1e-4. The conventional auxiliary loss
-(Wang et al.'s baseline) is the same formula over the whole batch with a larger alpha. Balance is
-measured by MaxVio = (max_i load_i - mean load) / mean load, per batch or over a whole set (global).
+guards each sequence (eq. 17-20): L_Bal = alpha sum_i f_i P_i, f_i = E/(K T) #{t: i chosen}, P_i =
+mean_t s_i,t / sum_j s_j,t, alpha = 1e-4; the conventional aux loss (Wang et al.'s baseline) is the same
+over the whole batch with a larger alpha. MaxVio = (max_i load_i - mean load) / mean load measures
+balance, per batch or over a whole set (global).
 
-Dispatch sorts tokens by expert so each expert's tokens are one contiguous segment, runs the segments
-as one grouped matmul (torch._grouped_mm; a per-expert loop where that cannot run), scales by g and
-adds back to the tokens (index_add): no token is dropped. Names follow deepseek-ai/DeepSeek-V3
-inference/model.py. Not included: expert parallelism, capacity limits.
-
-demo(): (1) MaxVio_batch of a skewed fixed router under bias updates, gamma 1e-4/1e-3/1e-2, against the
-noise floor of a uniformly random router; (2) a tiny MoE LM trained with no balancing, the aux loss
-and loss-free: held-out loss and MaxVio_global; (3) MoE forward+backward time, grouped vs loop,
-against a dense SwiGLU with the same number of active parameters.
+Dispatch sorts tokens by expert so each expert's tokens are one contiguous segment, runs the segments as
+one grouped matmul (torch._grouped_mm, else a per-expert loop), scales by g and adds back to the tokens
+(index_add): no token is dropped. Names follow deepseek-ai/DeepSeek-V3 inference/model.py.
+demo(): (1) MaxVio_batch of a skewed frozen router under bias updates (gamma 1e-4/1e-3/1e-2) against
+the noise floor of a random router; (2) a tiny MoE LM trained with no balancing, aux loss, loss-free:
+held-out loss, MaxVio_global; (3) forward+backward time: grouped, loops, dense of equal active size.
 """
 from __future__ import annotations
 
@@ -120,7 +117,8 @@ class Gate(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Args: x [N, dim]. Returns weights [N, k] (x's dtype), indices [N, k], and the unbiased
         affinities scores [N, E] in fp32 with their gradient (for the balance losses)."""
-        scores = F.linear(x.float(), self.weight.float())                    # [N, E]
+        with torch.autocast(x.device.type, enabled=False):                  # routing in fp32, as in V3
+            scores = F.linear(x.float(), self.weight.float())                # [N, E]
         scores = scores.sigmoid() if self.score_func == "sigmoid" else scores.softmax(dim=-1)
         biased = scores.detach() + self.bias                                 # for selection only
         if self.n_groups > 1:
@@ -146,15 +144,12 @@ def experts_forward(xs: Tensor, counts: Tensor, g: Tensor, w1: Tensor, w2: Tenso
     Args: xs [M, dim] rows sorted by expert; counts [E] rows per expert; g [M] gate weights, applied to
     the hidden (w2 is linear: same result as scaling the output, cheaper when inter < dim); w1, w3
     [E, inter, dim] and w2 [E, dim, inter] (expert i's nn.Linear weights are w1[i], w2[i], w3[i]).
-    grouped: one torch._grouped_mm per weight where it can run (fp32/bf16 on CPU, bf16 on sm90+ GPUs,
-    16-byte aligned rows), else a loop over experts. Returns [M, dim].
+    grouped: one torch._grouped_mm per weight on CPU (fp32/bf16, 16-byte aligned rows), else a loop over
+    experts (also on GPUs: untested here, and F.linear follows autocast). Returns [M, dim].
     """
-    if xs.is_cuda and torch.is_autocast_enabled("cuda"):                     # autocast skips _grouped_mm
-        xs, g, w1, w2, w3 = (t.to(torch.get_autocast_dtype("cuda")) for t in (xs, g, w1, w2, w3))
-    dtypes = (torch.float32, torch.bfloat16) if not xs.is_cuda else (
-        (torch.bfloat16,) if torch.cuda.get_device_capability(xs.device) >= (9, 0) else ())
     aligned = all(n * xs.element_size() % 16 == 0 for n in w1.shape[1:])     # 16-byte rows
-    if grouped and hasattr(torch, "_grouped_mm") and xs.dtype in dtypes and w1.dtype == xs.dtype and aligned:
+    cpu_ok = xs.device.type == "cpu" and xs.dtype in (torch.float32, torch.bfloat16) and w1.dtype == xs.dtype
+    if grouped and hasattr(torch, "_grouped_mm") and cpu_ok and aligned:
         offs = counts.cumsum(0).to(torch.int32)                              # segment ends
         h = F.silu(torch._grouped_mm(xs, w1.mT, offs=offs)) * torch._grouped_mm(xs, w3.mT, offs=offs)
         return torch._grouped_mm(h * g.unsqueeze(-1), w2.mT, offs=offs)      # [M, inter] -> [M, dim]
@@ -167,11 +162,10 @@ def experts_forward(xs: Tensor, counts: Tensor, g: Tensor, w1: Tensor, w2: Tenso
 class MoE(nn.Module):
     """DeepSeekMoE layer: shared experts + gate-weighted routed experts, with balance bookkeeping.
 
-    experts.w1, experts.w3 [E, inter, dim] and experts.w2 [E, dim, inter] are the routed experts stacked
-    for the grouped matmul; the official `experts.{i}.w1.weight` is experts.w1[i] (MoE.expert(i) gives an
-    Expert). dispatch: "grouped" (a loop where _grouped_mm cannot run) or "loop". forward sets aux_loss
-    and last_load [E]; in training mode it also adds the loads to `counts` until update_bias(). counts
-    is a plain tensor, not a buffer: DDP re-broadcasts buffers from rank 0 and would erase each rank's.
+    experts.w1, .w3 [E, inter, dim] and .w2 [E, dim, inter] stack the routed experts for the grouped matmul:
+    the official `experts.{i}.w1.weight` is experts.w1[i] (MoE.expert(i) gives an Expert). dispatch:
+    "grouped" or "loop". forward sets aux_loss and last_load [E], and in training mode adds the loads to
+    `counts` until update_bias(): a plain tensor, not a buffer, as DDP re-broadcasts buffers from rank 0.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -232,8 +226,7 @@ class MoE(nn.Module):
 def balance_term(scores: Tensor, indices: Tensor) -> Tensor:
     """sum_i f_i P_i of each row, [B] (V3 eq. 18-20, no alpha): f_i = E/(k T) * #(i chosen in the row),
     P_i = row mean of s normalised over experts. Args: scores [B, T, E], indices [B, T, k]."""
-    B, T, E = scores.shape
-    k = indices.size(-1)
+    (B, T, E), k = scores.shape, indices.size(-1)
     f = scores.new_zeros(B, E).scatter_add_(1, indices.reshape(B, T * k), scores.new_ones(B, T * k))
     P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)              # [B, E]
     return (f * (E / (k * T)) * P).sum(dim=-1)
@@ -242,8 +235,7 @@ def balance_term(scores: Tensor, indices: Tensor) -> Tensor:
 @torch.no_grad()
 def loss_free_bias_update(bias: Tensor, load: Tensor, gamma: float) -> None:
     """In place: b_i += gamma * sign(mean(load) - load_i) (Wang et al. 2024, Alg. 1). Args: [E], [E]."""
-    if load.sum() > 0:
-        bias += gamma * torch.sign(load.float().mean() - load.float())
+    bias += gamma * torch.sign(load.float().mean() - load.float())          # all-zero load: no change
 
 
 def max_violation(load: Tensor) -> float:
@@ -265,8 +257,7 @@ def update_gate_biases(model: nn.Module) -> dict:
 
 def moe_aux_loss(model: nn.Module) -> Tensor:
     """Sum of aux_loss over every MoE in model (a zero scalar if there is none)."""
-    zero = torch.zeros((), device=next(model.parameters(), torch.zeros(())).device)
-    return sum((m.aux_loss.float() for m in model.modules() if isinstance(m, MoE)), zero)
+    return sum((m.aux_loss.float() for m in model.modules() if isinstance(m, MoE)), torch.zeros(()))
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
@@ -280,9 +271,8 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- demo
 def random_router_maxvio(n_tokens: int, n_experts: int, k: int, draws: int = 32, seed: int = 0) -> tuple:
-    """Noise floor of MaxVio_batch: (mean over draws of a uniformly random top-k router, analytic value).
-    Each load is Binomial(n, p = k/E); the largest of E near-normal loads sits about z_E =
-    Phi^-1((E - 0.375) / (E + 0.25)) std devs above the mean (Blom), so MaxVio ~ z_E sqrt((1-p)/(n p))."""
+    """MaxVio_batch of a uniformly random top-k router: (simulated mean, analytic). Loads are Binomial(n,
+    p=k/E); the top one is ~z_E = Phi^-1((E - .375)/(E + .25)) std devs up (Blom): z_E sqrt((1-p)/(np))."""
     g = torch.Generator().manual_seed(seed)
     picks = (torch.rand(n_tokens, n_experts, generator=g).topk(k).indices for _ in range(draws))  # [n, k]
     vios = [max_violation(torch.bincount(p.flatten(), minlength=n_experts)) for p in picks]
@@ -295,11 +285,10 @@ def skewed_router_run(gamma: float, steps: int, n_tokens: int = 4096, n_experts:
     """MaxVio_batch per step of a FIXED random gate whose inputs share a mean direction (so a few experts
     win most tokens); only the bias learns, by the sign rule after every batch."""
     gate, g = Gate(MoEConfig(dim=dim, n_routed_experts=n_experts, n_activated_experts=k)), torch.Generator()
-    gate.weight.data = torch.randn(n_experts, dim, generator=g.manual_seed(seed)) / math.sqrt(dim)
+    gate.weight = nn.Parameter(torch.randn(n_experts, dim, generator=g.manual_seed(seed)) / dim ** 0.5, False)
     shift, vios = torch.randn(dim, generator=g) * skew / math.sqrt(dim), []
     for _ in range(steps):
-        with torch.no_grad():
-            indices = gate(torch.randn(n_tokens, dim, generator=g) + shift)[1]      # [n_tokens, k]
+        indices = gate(torch.randn(n_tokens, dim, generator=g) + shift)[1]          # [n_tokens, k]
         load = torch.bincount(indices.flatten(), minlength=n_experts)
         vios.append(max_violation(load))
         loss_free_bias_update(gate.bias, load, gamma)
@@ -343,9 +332,8 @@ class TinyMoELM(nn.Module):
 
 def train_tiny_lm(balance: str, steps: int, seed: int = 0, vocab: int = 128, batch: int = 16, T: int = 64,
                   lr: float = 3e-3, **moe_kw) -> dict:
-    """Train TinyMoELM with one balancing strategy (same seed: same data and initial weights). Returns
-    {"loss": held-out LM loss, "maxvio_global": MaxVio of the loads summed over the held-out set, mean
-    over layers, "load": [steps, E] layer-0 load fractions per step}."""
+    """Train TinyMoELM with one balancing strategy (same seed: same data and init). Returns {"loss": held-out
+    LM loss, "maxvio_global": of held-out loads, mean over layers, "load": [steps, E] layer-0 fractions}."""
     torch.manual_seed(seed)
     cfg = MoEConfig(**{**dict(dim=64, moe_inter_dim=32, n_routed_experts=16, seq_aux_alpha=0.0), **moe_kw},
                     balance=balance)
@@ -368,6 +356,18 @@ def train_tiny_lm(balance: str, steps: int, seed: int = 0, vocab: int = 128, bat
             loads = loads + torch.stack([m.last_load for m in model.ffn])    # [layers, E]
     return {"loss": sum(losses) / len(losses), "maxvio_global": sum(map(max_violation, loads)) / len(loads),
             "load": torch.stack(history)}
+
+
+def official_loop_forward(m: MoE, x: Tensor) -> Tensor:
+    """MoE.forward as the official inference code loops, torch.where per expert (a timing baseline).
+    Args: x [B, T, dim]. Returns [B*T, dim]."""
+    x, (w1, w2, w3) = x.reshape(-1, x.size(-1)), (m.experts.w1, m.experts.w2, m.experts.w3)
+    (weights, indices), y = m.gate(x), torch.zeros_like(x)
+    for i in range(w1.size(0)):
+        idx, top = torch.where(indices == i)                                 # its tokens and their slot
+        h = F.silu(F.linear(x[idx], w1[i])) * F.linear(x[idx], w3[i]) * weights[idx, top, None]
+        y = y.index_add(0, idx, F.linear(h, w2[i]))
+    return y + m.shared_experts(x)
 
 
 def time_fwd_bwd(fns: dict, x: Tensor, repeats: int) -> dict:
@@ -395,8 +395,8 @@ def plot_loads(loads: dict, path: str) -> None:
 
 
 def demo(small: bool = False, seed: int = 0, plot_path: str | None = None) -> dict:
-    """Measure the three claims of the module docstring; returns flat keys of plain numbers.
-    plot_path: where to save part 2's load-over-training figure (None: no figure)."""
+    """The three measurements of the module docstring, as flat keys of plain numbers; plot_path: where
+    to save part 2's load-over-training figure (None: none)."""
     threads, out = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # tiny tensors on a shared CPU: one thread is faster, and timings steadier
     try:
@@ -425,7 +425,8 @@ def demo(small: bool = False, seed: int = 0, plot_path: str | None = None) -> di
         cfg = MoEConfig(dim=256, moe_inter_dim=128, n_routed_experts=16, seq_aux_alpha=0)  # top-2, 1 shared
         moe, dense = MoE(cfg), MLP(cfg.dim, (2 + 1) * cfg.moe_inter_dim)     # active: 2 routed + 1 shared
         run = lambda dispatch: lambda x: (setattr(moe, "dispatch", dispatch), moe(x))[1]  # noqa: E731
-        fns = {"moe_grouped": run("grouped"), "moe_loop": run("loop"), "dense_same_active": dense}
+        fns = {"moe_grouped": run("grouped"), "moe_sorted_loop": run("loop"),
+               "moe_loop": lambda x: official_loop_forward(moe, x), "dense_same_active": dense}
         ms = time_fwd_bwd(fns, torch.randn(1, 1024 if small else 4096, cfg.dim), 3 if small else 15)
         out.update({f"ms_{k}": v for k, v in ms.items()})
         out["moe_over_dense"] = ms["moe_grouped"] / ms["dense_same_active"]
