@@ -173,12 +173,11 @@ def speculative_generate(model, prompt: Tensor, max_new_tokens: int, temperature
                          generator=None) -> tuple[Tensor, dict]:
     """Self-speculative decoding: model.mtp[0] drafts t_{n+1}, one main forward verifies it.
 
-    Batch 1 only (the acceptance decision is per sequence; batching needs ragged positions).
-    Each step: the MTP module reads (h_{n-1}, t_n) and drafts d for t_{n+1}; the main model runs on
-    [t_n, d] at positions n, n+1, giving p(. | t_<=n) to judge d and, if d is kept, p(. | t_<=n, d)
-    for a bonus token. A rejected draft leaves a stale cache entry at n+1, which the next step
-    overwrites (positions are explicit), so rolling the cache back costs nothing.
-
+    Batch 1 only (acceptance is decided per sequence; batching needs ragged positions). Each step:
+    the MTP module reads (h_{n-1}, t_n) and drafts d for t_{n+1}; the main model runs on [t_n, d] at
+    positions n, n+1, giving p(. | t_<=n) to judge d and, if d is kept, p(. | t_<=n, d) for a bonus
+    token. A rejected draft leaves a stale cache entry at n+1 that the next step overwrites
+    (positions are explicit), so rolling the cache back costs nothing.
     Args: prompt [1, P] (or [P]); temperature 0 = greedy; generator for sampling.
     Returns: (tokens [1, P + max_new_tokens], stats: accepted, drafted, acceptance_rate,
         acceptance_length = 1 + accepted / drafted, the mean tokens per verifying forward).
@@ -367,23 +366,24 @@ def entropy_rate(words: list[Tensor], succ: Tensor) -> float:
 
 
 def train_demo_model(cfg: DemoConfig, steps: int, seed: int, batch: int = 8, lr: float = 6e-3):
-    """Train DemoTransformer(cfg) on toy-language rows of cfg.max_seq_len tokens with AdamW.
-
-    The seed fixes the main model's initial weights and the data order whatever cfg.mtp says.
-    """
+    """Train DemoTransformer(cfg) on toy-language rows of cfg.max_seq_len tokens with AdamW. The seed
+    fixes the main model's initial weights and the data order whatever cfg.mtp says.
+    Returns: (the model in eval mode, [(main CE, L_MTP) per step])."""
     torch.manual_seed(seed)
     model = DemoTransformer(cfg)
     words, succ = toy_language(cfg.vocab_size, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 10)
+    history = []
     for _ in range(steps):
-        loss = model.loss(sample_text(words, succ, batch, cfg.max_seq_len, g))[0]
+        loss, ce, l_mtp = model.loss(sample_text(words, succ, batch, cfg.max_seq_len, g))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return model.eval()
+        history.append((ce.item(), l_mtp.item()))
+    return model.eval(), history
 
 
 def _speed(model: DemoTransformer, prompt: Tensor, n_new: int, repeats: int) -> tuple[float, float]:
@@ -407,8 +407,8 @@ def demo(small: bool = False, seed: int = 0) -> dict:
     cfg, t0, threads = DemoConfig(), time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        base = train_demo_model(DemoConfig(mtp=MTPConfig(n_mtp_depth=0)), steps, seed)
-        model = train_demo_model(cfg, steps, seed)
+        base = train_demo_model(DemoConfig(mtp=MTPConfig(n_mtp_depth=0)), steps, seed)[0]
+        model = train_demo_model(cfg, steps, seed)[0]
         train_s = time.perf_counter() - t0
         words, succ = toy_language(cfg.vocab_size, seed=seed)
         held_out = sample_text(words, succ, 64, cfg.max_seq_len, torch.Generator().manual_seed(seed + 2))
