@@ -17,6 +17,8 @@ right) but rarely *chooses* to. grpo.py's RL must discover that thinking pays, a
     python train.py                    # pretrain (≈ minutes on a laptop CPU), writes out/pretrain/
     python train.py --sample "123+456="  # complete prompts with the checkpoint
     python train.py --bench            # tokens/s of this model vs a plain dense GPT of equal active size
+    python train.py --fp8 | --compile | --data FILE   # FP8 Linears (V3 §3.3), torch.compile, any UTF-8 text
+    torchrun --standalone --nproc_per_node=2 train.py # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tiktoken
 
+from fp8 import swap_to_fp8
 from mla import MLA, MLAConfig
 from moe import MLP, MoE, MoEConfig, moe_aux_loss, param_counts, update_gate_biases
 from mtp import MTPConfig, MTPModule, mtp_loss
@@ -90,6 +93,9 @@ class TrainConfig:
     resume: bool = False
     sample: str = ""
     bench: bool = False
+    fp8: bool = False             # Linears in block-scaled FP8 (embed, head, gate, norms stay high precision)
+    compile: bool = False         # torch.compile the training forward/backward (slow to compile on a CPU)
+    data: str = ""                # a UTF-8 text file to pretrain on instead of the reasoning world
 
 
 @dataclass
@@ -251,6 +257,47 @@ def corpus_text(tc: TrainConfig, n: int = 3000) -> str:
                    for _ in range(n))
 
 
+# ----------------------------------------------------------------------------- --data FILE: any UTF-8 text
+
+
+class TextData:
+    """--data: a text as the corpus. Its last 10% of tokens is held out; training row j is the window at an
+    offset drawn from (seed, j), so sharding over processes and resuming work as for World."""
+
+    def __init__(self, tokens: list[int], tc: TrainConfig):
+        n_held, self.tc, self.L = max(len(tokens) // 10, tc.seq_len + 1), tc, tc.seq_len + 1
+        self.train_ids, self.held_ids = torch.tensor(tokens[:-n_held]), torch.tensor(tokens[-n_held:])
+
+    def batch(self, rows: range) -> torch.Tensor:                                # [B, seq_len + 1]
+        offsets = [random.Random(f"{self.tc.seed}-{j}").randrange(len(self.train_ids) - self.L + 1) for j in rows]
+        return torch.stack([self.train_ids[o:o + self.L] for o in offsets])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        """Next-token cross-entropy over consecutive held-out windows (at most eval_n of them)."""
+        was_training, n = model.training, min(len(self.held_ids) // self.L, self.tc.eval_n)
+        windows = self.held_ids[: n * self.L].view(n, self.L).to(next(model.parameters()).device)
+        model.eval()
+        ce = sum(model(w[:, :-1], w[:, 1:])[1]["ce"].item() * len(w) for w in windows.split(self.tc.batch_size))
+        model.train(was_training)
+        return {"heldout_loss": ce / n}
+
+
+def make_text_data(tc: TrainConfig) -> tuple[tiktoken.Encoding, None, TextData]:
+    """--data: BPE merges learned from the file's first 200k characters, and the file as TextData."""
+    try:
+        with open(tc.data, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: --data {tc.data}: cannot read it as UTF-8 text ({e}); pass a text file")
+    enc = build_tokenizer(learn_merges(text[:200_000], n_merges=256))
+    tokens, need = enc.encode_ordinary(text), 10 * (tc.seq_len + 1)
+    if len(tokens) < need:
+        raise SystemExit(f"error: --data {tc.data} is too small: {len(tokens)} tokens, need {need} (10 windows of "
+                         f"--seq-len {tc.seq_len} + 1); use a larger file or a smaller --seq-len")
+    return enc, None, TextData(tokens, tc)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -343,6 +390,68 @@ class Transformer(nn.Module):
             else:
                 h = self.forward_hidden(out, mode="naive")
         return out
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> "Transformer":
+        """Our model with the config and weights of a Hugging Face DeepseekV3ForCausalLM (float32, no MTP
+        modules, no stop ids). Raises ValueError naming any config option this model does not implement."""
+        c = hf_model.config
+        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+        for bad, option in [
+                (c.tie_word_embeddings, "tie_word_embeddings=True (V3 has a separate output head)"),
+                (c.attention_bias, "attention_bias=True (MLA's projections have no bias)"),
+                (rope.get("rope_type", rope.get("type", "default")) != "default",
+                 f"rope scaling {rope} (YaRN is not implemented: use rope_type 'default')"),
+                (c.hidden_act != "silu", f"hidden_act={c.hidden_act!r} (the experts are SwiGLU: 'silu')"),
+                (not c.norm_topk_prob, "norm_topk_prob=False (V3 normalises the sigmoid gate weights)"),
+                (c.rms_norm_eps != 1e-6, f"rms_norm_eps={c.rms_norm_eps} (HF's q/kv norms keep 1e-6)"),
+                (not hasattr(hf_model, "lm_head"), "model without lm_head (pass a DeepseekV3ForCausalLM)")]:
+            if bad:
+                raise ValueError(f"Transformer.from_hf: unsupported {option}")
+        H, dn, dr, kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+        mla = MLAConfig(n_heads=H, q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=kv, qk_nope_head_dim=dn,
+                        qk_rope_head_dim=dr, v_head_dim=c.v_head_dim,
+                        rope_theta=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+        moe = MoEConfig(moe_inter_dim=c.moe_intermediate_size, n_routed_experts=c.n_routed_experts,
+                        n_shared_experts=c.n_shared_experts, n_activated_experts=c.num_experts_per_tok,
+                        n_expert_groups=c.n_group or 1, n_limited_groups=c.topk_group or 1,
+                        route_scale=c.routed_scaling_factor)
+        model = cls(ModelArgs(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+                              n_dense_layers=c.first_k_dense_replace, inter_dim=c.intermediate_size,
+                              max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
+                              pad_id=c.pad_token_id or 0, mla=mla, moe=moe, mtp=MTPConfig(n_mtp_depth=0)))
+        # HF's non-interleaved RoPE rotates pairs (x_i, x_i+d/2), ours (official) (x_2i, x_2i+1): reorder rows.
+        rows = torch.arange(dr).view(2, -1).T.flatten() if not getattr(c, "rope_interleave", True) else slice(None)
+        sd = {}
+        for name, w in hf_model.state_dict().items():
+            if w.numel() == 0:                                 # n_shared_experts = 0: HF keeps empty Linears
+                continue
+            for theirs, ours in HF_NAMES:
+                name = name.replace(theirs, ours)
+            w = w.detach().float().clone()
+            if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
+                w.view(H, dn + dr, -1)[:, dn:] = w.view(H, dn + dr, -1)[:, dn:][:, rows]
+            elif name.endswith("attn.wkv_a.weight"):
+                w[kv:] = w[kv:][rows]
+            if name.endswith("experts.w13"):                  # [E, 2 inter, dim] = [gate; up]
+                sd[name[:-2] + "1"], sd[name[:-2] + "3"] = w.chunk(2, dim=1)
+            elif m := re.match(r"(.*experts)\.(\d+)\.(w\d)\.weight", name):   # transformers 4.x: a module each
+                sd.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = w
+            else:
+                sd[name] = w
+        model.load_state_dict({k: torch.stack([v[i] for i in sorted(v)]) if isinstance(v, dict) else v
+                               for k, v in sd.items()})
+        return model
+
+
+# Hugging Face DeepseekV3 parameter names -> ours, applied in order (gate_up_proj first: it holds "up_proj").
+HF_NAMES = [("gate_up_proj", "w13"), ("model.embed_tokens", "embed"), ("model.norm", "norm"), ("lm_head", "head"),
+            ("model.layers", "layers"), ("self_attn.q_proj", "attn.wq"), ("self_attn.q_a_proj", "attn.wq_a"),
+            ("self_attn.q_a_layernorm", "attn.q_norm"), ("self_attn.q_b_proj", "attn.wq_b"),
+            ("self_attn.kv_a_proj_with_mqa", "attn.wkv_a"), ("self_attn.kv_a_layernorm", "attn.kv_norm"),
+            ("self_attn.kv_b_proj", "attn.wkv_b"), ("self_attn.o_proj", "attn.wo"), ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"), ("mlp.", "ffn."), ("gate_proj", "w1"), ("up_proj", "w3"),
+            ("down_proj", "w2"), ("e_score_correction_bias", "bias")]
 
 
 def sample_next(logits, temperature: float, top_k: int | None, generator=None):
@@ -485,6 +594,15 @@ def build_model(cfg: Config, enc: tiktoken.Encoding, device: str) -> Transformer
     return Transformer(m).to(device)
 
 
+def compile_for_training(model: nn.Module, ddp: nn.Module) -> nn.Module:
+    """torch.compile the (DDP-wrapped) model for training. The MoE layers switch to their per-expert loop:
+    torch._grouped_mm runs fp32 on a CPU, but its compile-time shape check accepts only bf16."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.dispatch = "loop"
+    return torch.compile(ddp)
+
+
 def log(msg: str, rank: int = 0) -> None:
     if rank == 0:
         print(msg, flush=True)
@@ -498,8 +616,10 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
     torch.manual_seed(tc.seed)
     os.makedirs(tc.out, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "metrics.jsonl")
-    enc, heldout, world = make_tokenizer_and_world(tc, tc.eval_n)
+    enc, heldout, world = make_text_data(tc) if tc.data else make_tokenizer_and_world(tc, tc.eval_n)
     model = build_model(cfg, enc, device)
+    if tc.fp8:
+        swap_to_fp8(model)        # V3 §3.3: embedding, output head, gate and norms stay in high precision
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     start = 0
     if tc.resume and os.path.exists(ckpt_path):
@@ -515,6 +635,8 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
     log(f"model: {total:,} parameters, {active:,} active per token | vocab {enc.n_vocab} | device {device}"
         f" | {world_size} process(es)", rank)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    if tc.compile:
+        ddp = compile_for_training(model, ddp)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     rows_per_step = tc.batch_size * tc.grad_accum * world_size
     t0, tokens_seen, summary, last_log = time.time(), 0, {}, time.time()
@@ -548,20 +670,21 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
             log(f"step {done:5d}/{tc.steps} | loss {row['loss']:.4f} (ce {row['ce']:.4f}) | "
                 f"{tps:,.0f} tok/s | {el:.0f}s elapsed, ETA {eta:.0f}s")
         if rank == 0 and (done % tc.eval_interval == 0 or done == tc.steps):
-            ev = evaluate(model, enc, heldout, tc.max_digits)
+            ev = world.evaluate(model) if tc.data else evaluate(model, enc, heldout, tc.max_digits)
             append_jsonl(metrics_path, {"step": done, **ev})
-            log(f"eval @ {done}: accuracy (think) {ev['accuracy_think']:.3f} | accuracy (own choice) "
+            log(f"eval @ {done}: held-out loss {ev['heldout_loss']:.4f}" if tc.data else
+                f"eval @ {done}: accuracy (think) {ev['accuracy_think']:.3f} | accuracy (own choice) "
                 f"{ev['accuracy_greedy']:.3f} | think rate {ev['think_rate_greedy']:.3f} | "
                 f"length {ev['mean_length_greedy']:.1f} tokens")
             save_checkpoint(ckpt_path, model, opt, done, cfg, enc)
             summary = {"heldout_" + k if k.startswith("accuracy") else k: v for k, v in ev.items()}
     if rank == 0 and summary:
         el = time.time() - t0
-        harder = evaluate(model, enc, eval_split("harder", tc.eval_n // 2, tc.max_digits), tc.max_digits + 1)
+        harder = {} if tc.data else evaluate(model, enc, eval_split("harder", tc.eval_n // 2, tc.max_digits),
+                                             tc.max_digits + 1)
         summary.update(tokens_per_second=tokens_seen / el, params_total=total, params_active=active,
                        wall_seconds=el, steps=tc.steps, final_loss=loss.item(),
-                       harder_accuracy_think=harder["accuracy_think"],
-                       harder_accuracy_greedy=harder["accuracy_greedy"])
+                       **{"harder_" + k: v for k, v in harder.items() if k.startswith("accuracy")})
         with open(os.path.join(tc.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         plot_metrics(metrics_path, tc.out)
@@ -697,9 +820,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def sample_main(cfg: Config) -> None:
-    model, enc, _, _ = load_checkpoint(os.path.join(cfg.train.out, "ckpt.pt"))
+    model, enc, ckpt_cfg, _ = load_checkpoint(os.path.join(cfg.train.out, "ckpt.pt"))
     model.eval()
-    prompt = cfg.train.sample if cfg.train.sample.startswith("<|bos|>") else "<|bos|>" + cfg.train.sample
+    plain = cfg.train.sample.startswith("<|bos|>") or ckpt_cfg.train.data        # --data models: no <|bos|>
+    prompt = cfg.train.sample if plain else "<|bos|>" + cfg.train.sample
     g = torch.Generator().manual_seed(cfg.train.seed)
     n_new = model.args.max_seq_len - len(encode(enc, prompt)) - 1
     n_new = min(n_new, 160)
@@ -718,10 +842,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r, indent=2))
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():       # before init: NCCL binds each process to its own GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(cfg)
     finally:
