@@ -83,7 +83,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_digits: int = 5           # training operands have 1..max_digits digits
-    think_frac: float = 0.25      # share of step-by-step answers in the corpus
+    think_frac: float = 0.35      # share of step-by-step answers in the corpus
     eval_interval: int = 250
     eval_n: int = 200
     log_interval: int = 25
@@ -179,26 +179,29 @@ def special_id(enc: tiktoken.Encoding, name: str) -> int:
 # ----------------------------------------------------------------------------- reasoning world
 
 
-def think_steps(a: int, b: int) -> str:
-    """Column addition, right to left. Each step restates what is left of both numbers, adds their
-    last digits and the carry, and writes the answer so far:  '4738+2591:8+1+0=9,9 473+259:3+9+0=12,29 …'.
-    Every step only copies or adds neighbours: no step has to count positions in the prompt, which
-    is what makes the scratchpad learnable by a tiny model (and a reader can follow it)."""
-    ra, rb, carry, so_far, steps = str(a), str(b), 0, "", []
-    while ra or rb or carry:
-        x, y = int(ra[-1]) if ra else 0, int(rb[-1]) if rb else 0
-        s = x + y + carry
+def think_steps(a: int, b: int, width: int) -> str:
+    """Column addition, right to left, one column per step: the two digits, the carry in, their sum,
+    then the answer so far (padded with '_' to the answer's width). For 4738+2591 at width 4:
+    '8+1+0=09,____9 3+9+0=12,___29 7+5+1=13,__329 4+2+1=07,_7329 0+0+0=00,07329'.
+    Operands are written at a fixed width and every step has the same length, so each thing a step
+    needs sits at a fixed distance (a lookup a tiny model learns quickly), and the final answer is
+    a copy of the last step's answer-so-far."""
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    steps, carry, so_far = [], 0, ""
+    for x, y in zip(da + "0", db + "0"):
+        s = int(x) + int(y) + carry
         so_far = str(s % 10) + so_far
-        steps.append(f"{ra}+{rb}:{x}+{y}+{carry}={s},{so_far}")
-        ra, rb, carry = ra[:-1], rb[:-1], s // 10
+        steps.append(f"{x}+{y}+{carry}={s:02d},{so_far:_>{width + 1}}")
+        carry = s // 10
     return " ".join(steps)
 
 
-def render(a: int, b: int, think: bool) -> tuple[str, str]:
-    """One problem as (prompt, response). The prompt never says which style to use."""
-    prompt = f"<|bos|>{a}+{b}="
-    reasoning = f"<think>{think_steps(a, b)}</think>" if think else ""
-    return prompt, f"{reasoning}<answer>{a + b}</answer>"
+def render(a: int, b: int, think: bool, width: int) -> tuple[str, str]:
+    """One problem as (prompt, response), numbers zero-padded to `width` digits like an odometer
+    (the answer to width+1). The prompt never says which style to use."""
+    prompt = f"<|bos|>{a:0{width}d}+{b:0{width}d}="
+    reasoning = f"<think>{think_steps(a, b, width)}</think>" if think else ""
+    return prompt, f"{reasoning}<answer>{a + b:0{width + 1}d}</answer>"
 
 
 def sample_problem(rng: random.Random, min_digits: int, max_digits: int) -> tuple[int, int]:
@@ -234,7 +237,7 @@ class World:
     def example(self, rng: random.Random) -> list[int]:
         while (p := sample_problem(rng, 1, self.tc.max_digits)) in self.heldout:
             pass
-        prompt, response = render(*p, think=rng.random() < self.tc.think_frac)
+        prompt, response = render(*p, rng.random() < self.tc.think_frac, self.tc.max_digits)
         return encode(self.enc, prompt + response) + [self.eos]
 
     def row(self, j: int) -> list[int]:
@@ -253,7 +256,8 @@ class World:
 def corpus_text(tc: TrainConfig, n: int = 3000) -> str:
     """Text to learn BPE merges from (before the tokenizer exists: no token ids needed)."""
     rng = random.Random(f"merges-{tc.seed}")
-    return "".join("".join(render(*sample_problem(rng, 1, tc.max_digits), rng.random() < tc.think_frac))
+    return "".join("".join(render(*sample_problem(rng, 1, tc.max_digits), rng.random() < tc.think_frac,
+                                          tc.max_digits))
                    for _ in range(n))
 
 
@@ -331,12 +335,8 @@ class Transformer(nn.Module):
         # MTP depth k uses one more block of the kind the last layer has (MoE in V3).
         self.mtp = nn.ModuleList(MTPModule(args.dim, Block(args.n_layers, args), self.embed, self.head,
                                            args.norm_eps) for _ in range(args.mtp.n_mtp_depth))
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+        # PyTorch's default init (scaled by fan-in) on purpose: a fixed std of 0.02 (nanoGPT, tuned at
+        # width 768) shrinks every signal at width 128, and the model then stalls for hundreds of steps.
 
     def new_cache(self, batch_size: int, max_len: int) -> list:
         return [layer.new_cache(batch_size, max_len) for layer in self.layers]
@@ -503,20 +503,20 @@ def parse_answer(response: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def max_response_tokens(max_digits: int) -> int:
-    """Enough for the longest step-by-step answer (measured on the widest problem) plus slack."""
-    a = 10 ** max_digits - 1
-    return len(render(a, a, True)[1]) + 8
+def max_response_tokens(width: int) -> int:
+    """Enough for a step-by-step answer at this width (characters bound tokens) plus slack."""
+    return len(render(0, 0, True, width)[1]) + 8
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], max_digits: int) -> dict:
+def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: int) -> dict:
     """Greedy accuracy when made to reason (prompt ends with <think>), and the model's own choice:
-    accuracy, reasoning rate and mean response length (tokens)."""
+    accuracy, reasoning rate and mean response length (tokens). `width`: the digits problems are
+    written with (the training max_digits; one more for the harder split)."""
     was_training = model.training
     model.eval()
-    n_new = max_response_tokens(max_digits)
-    prompts = [render(a, b, False)[0] for a, b in problems]
+    n_new = max_response_tokens(width)
+    prompts = [render(a, b, False, width)[0] for a, b in problems]
     forced = generate_texts(model, enc, [p + "<think>" for p in prompts], n_new)
     free = generate_texts(model, enc, prompts, n_new)
     targets = [a + b for a, b in problems]

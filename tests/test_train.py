@@ -36,7 +36,7 @@ def tiny(tmp_path):
 
 def test_tokenizer_round_trips_and_splits_digits(tiny):
     _, enc, _, _, _ = tiny
-    text = "<|bos|>90817+2345=<think>90817+2345:7+5+0=12,2</think><answer>93162</answer><|eos|>"
+    text = "<|bos|>90817+02345=<think>7+5+0=12,_____2 1+4+1=06,____62</think><answer>093162</answer><|eos|>"
     ids = train.encode(enc, text)
     assert enc.decode(ids) == text
     for d in "0123456789":
@@ -58,14 +58,22 @@ def test_tokenizer_survives_checkpoint_state(tiny):
 def test_think_steps_compute_the_sum():
     rng = random.Random(0)
     for _ in range(500):
-        a, b = rng.randint(0, 10 ** rng.randint(1, 6)), rng.randint(0, 10 ** rng.randint(1, 6))
-        prompt, response = train.render(a, b, think=True)
+        width = rng.randint(1, 6)
+        a, b = rng.randrange(10 ** width), rng.randrange(10 ** width)
+        prompt, response = train.render(a, b, True, width)
+        assert prompt == f"<|bos|>{a:0{width}d}+{b:0{width}d}="
         steps = re.search(r"<think>(.*)</think>", response).group(1).split(" ")
-        for step in steps:  # each step's own arithmetic is right
-            x, y, c, s = map(int, re.match(r"\d*\+\d*:(\d)\+(\d)\+(\d)=(\d+),\d+$", step).groups())
+        assert len(steps) == width + 1, "one step per column, plus the final carry"
+        digits, carry = "", 0
+        for step, (x0, y0) in zip(steps, zip(f"{a:0{width}d}"[::-1] + "0", f"{b:0{width}d}"[::-1] + "0")):
+            x, y, c, s, so_far = re.match(r"(\d)\+(\d)\+(\d)=(\d\d),([_\d]+)$", step).groups()
+            x, y, c, s = map(int, (x, y, c, s))
+            assert len(so_far) == width + 1, "the answer-so-far has the answer's fixed width"
+            assert (x, y, c) == (int(x0), int(y0), carry), f"step {step} reads the wrong column or carry"
             assert x + y + c == s
-        assert steps[-1].endswith("," + str(a + b)), "the last step's answer-so-far is the sum"
-        assert train.parse_answer(response) == a + b
+            digits, carry = str(s % 10) + digits, s // 10
+            assert so_far == digits.rjust(width + 1, "_")
+        assert int(digits) == a + b and train.parse_answer(response) == a + b
 
 
 def test_heldout_problems_never_appear_in_training_data(tmp_path):
@@ -83,13 +91,13 @@ def test_heldout_problems_never_appear_in_training_data(tmp_path):
 
 def test_harder_split_has_more_digits_than_training():
     problems = train.eval_split("harder", 50, max_digits=3)
-    assert all(len(str(a)) == 4 and len(str(b)) == 4 for a, b in problems)
+    assert all(1000 <= a < 10000 and 1000 <= b < 10000 for a, b in problems)
 
 
 def test_cached_generation_equals_uncached(tiny):
     _, enc, heldout, _, model = tiny
     model.eval()
-    prompts = torch.tensor([train.encode(enc, train.render(a, b, False)[0]) for a, b in [(12, 34), (56, 78)]])
+    prompts = torch.tensor([train.encode(enc, train.render(a, b, False, 2)[0]) for a, b in [(12, 34), (56, 78)]])
     cached = model.generate(prompts, 40, temperature=0.0)
     uncached = model.generate(prompts, 40, temperature=0.0, use_cache=False)
     assert torch.equal(cached, uncached), "absorbed-MLA cached decoding must reproduce full recomputation"
