@@ -82,7 +82,7 @@ class TrainConfig:
     warmup: int = 25
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    max_digits: int = 5           # training operands have 1..max_digits digits
+    max_digits: int = 6           # training operands have 1..max_digits digits (written at this width)
     think_frac: float = 0.35      # share of step-by-step answers in the corpus
     eval_interval: int = 250
     eval_n: int = 200
