@@ -59,32 +59,46 @@ def pair(request):
 
 
 @torch.no_grad()
-def test_logits_equal_hf_deepseek_v3(pair):
-    hf, ours = pair
+def logits_both(hf, ours) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [3, 24, VOCAB] of HF's model and ours on the same batch of random sequences."""
     tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
-    theirs, mine = hf(tokens).logits, ours(tokens)
+    return hf(tokens).logits, ours(tokens)
+
+
+@torch.no_grad()
+def greedy_both(hf, ours) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 greedy tokens after 3 random 8-token prompts: HF's generate, and ours (absorbed MLA cache)."""
+    prompts = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(2))
+    hf.generation_config.eos_token_id = None                       # no stop token on either side
+    theirs = hf.generate(prompts, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    return theirs, ours.generate(prompts, 32, temperature=0.0)
+
+
+def test_logits_equal_hf_deepseek_v3(pair):
+    theirs, mine = logits_both(*pair)
     assert mine.shape == theirs.shape == (3, 24, VOCAB)
     assert (mine - theirs).abs().max().item() <= ATOL
 
 
-@torch.no_grad()
 def test_parity_depends_on_the_gate_bias_and_the_groups(pair):
     # Controls: the logits test above would catch a lost e_score_correction_bias or group limit.
     hf, ours = pair
-    tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
-    theirs = hf(tokens).logits
-    moes = [m for m in ours.modules() if isinstance(m, train.MoE)]
-    saved = [(m.gate.bias.clone(), m.gate.topk_groups) for m in moes]
-    for m in moes:
-        m.gate.bias.zero_()
-    assert (ours(tokens) - theirs).abs().max().item() > 100 * ATOL, "the gate bias must change the routing"
-    for m, (bias, keep) in zip(moes, saved):
-        m.gate.bias.copy_(bias)
-        m.gate.topk_groups = m.gate.n_groups           # no group limit
-    if moes[0].gate.n_groups > 1:
-        assert (ours(tokens) - theirs).abs().max().item() > 100 * ATOL, "group limiting must matter"
-    for m, (_, keep) in zip(moes, saved):
-        m.gate.topk_groups = keep
+    theirs = logits_both(hf, ours)[0]
+    gates = [m.gate for m in ours.modules() if isinstance(m, train.MoE)]
+    saved = [(g.bias.clone(), g.topk_groups) for g in gates]
+    try:
+        for g in gates:
+            g.bias.zero_()
+        assert (logits_both(hf, ours)[1] - theirs).abs().max() > 100 * ATOL, "the gate bias must change routing"
+        for g, (bias, _) in zip(gates, saved):
+            g.bias.copy_(bias)
+            g.topk_groups = g.n_groups                     # no group limit
+        if gates[0].n_groups > 1:
+            assert (logits_both(hf, ours)[1] - theirs).abs().max() > 100 * ATOL, "group limiting must matter"
+    finally:
+        for g, (bias, keep) in zip(gates, saved):
+            g.bias.copy_(bias)
+            g.topk_groups = keep
 
 
 @torch.no_grad()
@@ -92,10 +106,7 @@ def test_greedy_generation_with_absorbed_cache_equals_hf_generate(pair):
     hf, ours = pair
     assert all(layer.attn.cfg.attn_impl == "absorb" for layer in ours.layers), "decode must use absorption"
     assert ours.args.stop_ids == () and len(ours.mtp) == 0
-    prompts = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(2))
-    hf.generation_config.eos_token_id = None                       # no stop token on either side
-    theirs = hf.generate(prompts, max_new_tokens=32, do_sample=False, pad_token_id=0)
-    mine = ours.generate(prompts, 32, temperature=0.0)
+    theirs, mine = greedy_both(hf, ours)
     assert mine.shape == theirs.shape == (3, 40)
     assert torch.equal(mine, theirs), f"first mismatch at {(mine != theirs).nonzero()[0].tolist()}"
 
@@ -112,3 +123,12 @@ def test_greedy_generation_with_absorbed_cache_equals_hf_generate(pair):
 def test_unsupported_config_options_fail_naming_the_option(overrides, option):
     with pytest.raises(ValueError, match=f"unsupported {option}"):
         train.Transformer.from_hf(hf_model(**overrides))
+
+
+if __name__ == "__main__":          # python -m tests.test_parity: the figures the tests assert on
+    for name, overrides in CONFIGS.items():
+        hf = hf_model(**overrides)
+        ours = train.Transformer.from_hf(hf).eval()
+        (a, b), (ga, gb) = logits_both(hf, ours), greedy_both(hf, ours)
+        print(f"{name}: max |logits - HF| = {(a - b).abs().max().item():.1e} (max |logit| "
+              f"{a.abs().max().item():.1f}); greedy tokens identical: {torch.equal(ga, gb)} ({gb.shape[0]} x 32)")
