@@ -29,8 +29,9 @@ The run. The pretrained model (train.py) can reason but rarely chooses to. Rewar
 only, it discovers that thinking pays: reasoning rate, response length and accuracy climb together
 (R1 Figures 2-3 in miniature: out/grpo/grpo.png). Defaults, chosen for stability at this scale:
 16 prompts x G = 8, T = 1, mu = 1, advantage r - mean, token mean, beta = 0 (a KL penalty collapsed small
-runs; k3 is kept, tested and logged), AdamW lr 5e-4, 40 steps. MTP modules are ignored (the loss uses
-the main head); MoE gate biases keep balancing once per optimizer step; no sequence-wise balance loss.
+runs; k3 is kept, tested and logged), 40 steps, AdamW lr 1e-4: a fresh AdamW moves every weight by ~lr
+per step (m/sqrt(v) ~ sign g), and 3e-4 already damaged the pretrained scratchpad skill. MTP modules are
+ignored (the loss uses the main head); MoE gate biases keep balancing once per optimizer step.
 
     python grpo.py                      # RL from out/pretrain/ckpt.pt -> out/grpo/
     python grpo.py --reward format      # the format-only control -> out/grpo_format_control/
@@ -61,7 +62,7 @@ class GRPOConfig:
     n_prompts: int = 16           # prompts per rollout batch
     group_size: int = 8           # G responses per prompt
     temperature: float = 1.0
-    lr: float = 5e-4
+    lr: float = 1e-4
     mu: int = 1                   # gradient steps per rollout batch (1: rho == 1, REINFORCE + baseline)
     eps_low: float = 0.2
     eps_high: float = 0.2         # DAPO's clip-higher: 0.28
@@ -70,7 +71,7 @@ class GRPOConfig:
     aggregation: str = "token"    # "seq" (GRPO) | "token" (DAPO) | "constant" (Dr. GRPO)
     skip_zero_var: bool = False   # drop groups whose rewards are all equal (they carry no signal)
     reward: str = "accuracy"      # "accuracy" (+ format_weight x format) | "format" (the control)
-    format_weight: float = 0.0
+    format_weight: float = 0.0    # 0: the base's answers are already well-formed (format rate 1.0)
     n: int = 200                  # evaluation problems
     pass_k: int = 4               # T = 1 samples per evaluation problem (pass@1 and pass@k)
     eval_interval: int = 10
@@ -161,10 +162,9 @@ class Rollout:
 
 def rollout(model: train.Transformer, enc, prompts: list[str], targets: list[int], G: int, temperature: float,
             max_new_tokens: int, reward_fn=accuracy_reward, generator=None, use_cache: bool = True) -> Rollout:
-    """Sample G responses per prompt through the model's cached generate (in eval mode: there is no
-    dropout, and MoE loads are not counted), score them, lay them out right-padded for training.
-    Args: prompts [P] texts, targets [P]; reward_fn(text, target) -> float. Returns N = P*G rows, row i
-    answering prompt group_ids[i] = i // G (rows are kept in this order whatever generate's batching)."""
+    """Sample G responses per prompt with the model's cached generate (eval mode: no dropout exists, MoE
+    loads not counted), score them, lay them out right-padded. Args: prompts [P], targets [P], reward_fn(text,
+    target). Returns N = P*G rows; row i answers prompt group_ids[i] = i // G, whatever generate's batching."""
     rows = [train.encode(enc, p) for p in prompts for _ in range(G)]
     was_training, t0 = model.training, time.perf_counter()
     responses = train.generate_ids(model.eval(), rows, max_new_tokens, temperature, generator, use_cache=use_cache)
@@ -356,9 +356,8 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
 
     def sample_batch(k: int) -> tuple[list[str], list[int]]:
         problems = []
-        while len(problems) < k:
-            if (p := train.sample_problem(rng, 1, width)) not in excluded:
-                problems.append(p)
+        while len(problems) < k:     # the training distribution, held-out problems excluded
+            problems += [p for p in [train.sample_problem(rng, 1, width)] if p not in excluded]
         return template(problems, width), [a + b for a, b in problems]
 
     t_start = time.time()
