@@ -149,6 +149,14 @@ def template(problems: list[tuple[int, int]], width: int) -> list[str]:
     return [train.render(a, b, False, width)[0] for a, b in problems]
 
 
+def training_problems(rng: random.Random, k: int, width: int, excluded: set) -> list[tuple[int, int]]:
+    """k problems from the training distribution (1..width digits), held-out problems excluded."""
+    problems = []
+    while len(problems) < k:
+        problems += [p for p in [train.sample_problem(rng, 1, width)] if p not in excluded]
+    return problems
+
+
 @dataclass
 class Rollout:
     tokens: torch.Tensor          # [N, T] prompt + response, right-padded with pad_id (N = P * G)
@@ -355,9 +363,7 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
         return ev
 
     def sample_batch(k: int) -> tuple[list[str], list[int]]:
-        problems = []
-        while len(problems) < k:     # the training distribution, held-out problems excluded
-            problems += [p for p in [train.sample_problem(rng, 1, width)] if p not in excluded]
+        problems = training_problems(rng, k, width, excluded)
         return template(problems, width), [a + b for a, b in problems]
 
     t_start = time.time()

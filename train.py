@@ -17,6 +17,7 @@ right) but rarely *chooses* to. grpo.py's RL must discover that thinking pays, a
     python train.py                    # pretrain (≈ minutes on a laptop CPU), writes out/pretrain/
     python train.py --sample "123+456="  # complete prompts with the checkpoint
     python train.py --bench            # tokens/s of this model vs a plain dense GPT of equal active size
+    python train.py --student          # distill.py's small dense student (no MoE, no MTP)
     python train.py --fp8 | --compile | --data FILE   # FP8 Linears (V3 §3.3), torch.compile, any UTF-8 text
     torchrun --standalone --nproc_per_node=2 train.py # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 """
@@ -96,12 +97,22 @@ class TrainConfig:
     fp8: bool = False             # Linears in block-scaled FP8 (embed, head, gate, norms stay high precision)
     compile: bool = False         # torch.compile the training forward/backward (slow to compile on a CPU)
     data: str = ""                # a UTF-8 text file to pretrain on instead of the reasoning world
+    student: bool = False         # distill.py's small dense student (student_config) instead of the MoE model
 
 
 @dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def student_config(cfg: Config | None = None) -> Config:
+    """The student distill.py distils into (R1 §2.4: small DENSE models): same world and tokenizer as
+    cfg, half the width and depth, no MoE (every layer dense), no MTP: ~0.14M parameters vs 1.9M."""
+    mla = MLAConfig(n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    model = ModelArgs(dim=64, n_layers=2, n_dense_layers=2, inter_dim=192, mla=mla, mtp=MTPConfig(n_mtp_depth=0))
+    tc = dataclasses.replace((cfg or Config()).train, student=True)
+    return Config(model=model, train=tc)
 
 
 # Sub-config fields that follow ModelArgs and so get no flag of their own.
@@ -254,8 +265,9 @@ class World:
 
 
 def corpus_text(tc: TrainConfig, n: int = 3000) -> str:
-    """Text to learn BPE merges from (before the tokenizer exists: no token ids needed)."""
-    rng = random.Random(f"merges-{tc.seed}")
+    """Text to learn BPE merges from (before the tokenizer exists: no token ids needed). Independent of
+    --seed: every model of one world shares a tokenizer (distill.py's token-level KD compares logits)."""
+    rng = random.Random("merges-0")
     return "".join("".join(render(*sample_problem(rng, 1, tc.max_digits), rng.random() < tc.think_frac,
                                           tc.max_digits))
                    for _ in range(n))
@@ -698,13 +710,13 @@ def append_jsonl(path: str, row: dict) -> None:
 
 
 def plot_metrics(metrics_path: str, out: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """pretrain.png. A bare Figure, not pyplot: saving a file must not switch a notebook's backend."""
+    from matplotlib.figure import Figure
     rows = [json.loads(line) for line in open(metrics_path)]
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "accuracy_think" in r]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    a1, a2 = fig.subplots(1, 2)
     a1.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label="next-token CE")
     a1.plot([r["step"] for r in train_rows], [r["mtp"] for r in train_rows], label="MTP loss (λ-weighted)")
     a1.set(xlabel="step", ylabel="loss", title="pretraining loss")
@@ -716,7 +728,6 @@ def plot_metrics(metrics_path: str, out: str) -> None:
     a2.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "pretrain.png"), dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- baseline for --bench
@@ -798,7 +809,9 @@ def apply_flags(dc, args: argparse.Namespace, skip=()) -> None:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    cfg = Config()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--student", action="store_true")
+    cfg = student_config() if pre.parse_known_args(argv)[0].student else Config()   # the flags' defaults
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(parser, cfg)
