@@ -83,7 +83,9 @@ class DistillConfig:
 def keep_trace(text: str, target: int) -> bool:
     """Rejection sampling's filter: the response is well-formed (grpo.format_reward) AND its answer is
     right (grpo.accuracy_reward). Both are rules that parse the text; nothing is executed."""
+    ### BEGIN SOLUTION: rejection sampling: keep well-formed AND correct responses (DeepSeek-R1 §2.3.3)
     return grpo.format_reward(text) == 1.0 and grpo.accuracy_reward(text, target) == 1.0
+    ### END SOLUTION
 
 
 @torch.no_grad()

@@ -66,6 +66,7 @@ def quantize(x: Tensor, tile: tuple[int, int], scale_fmt: str | None = None,
     (r, c), (R, C), fmax = tile, x.shape[-2:], torch.finfo(dtype).max
     if r < 1 or c < 1:
         raise ValueError(f"tile sizes must be positive, got {tile}")
+    ### BEGIN SOLUTION: tile-wise quantisation: s = max(amax, 1e-4) / fmax per tile, q = x / s (DeepSeek-V3 §3.3.2)
     xp = F.pad(x.float(), (0, -C % c, 0, -R % r))                # zeros: no effect on any amax
     t = xp.unflatten(-1, (-1, c)).unflatten(-3, (-1, r))         # [..., R/r, r, C/c, c]
     s = t.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR) / fmax  # [..., R/r, C/c]
@@ -74,6 +75,7 @@ def quantize(x: Tensor, tile: tuple[int, int], scale_fmt: str | None = None,
     q = (t / s[..., :, None, :, None]).clamp(-fmax, fmax)       # clamp: cast overflow is version-dependent
     q = q.flatten(-2).flatten(-3, -2)[..., :R, :C]               # [..., R, C]
     return q.to(dtype).contiguous(), s
+    ### END SOLUTION
 
 
 def dequantize(q: Tensor, s: Tensor, tile: tuple[int, int]) -> Tensor:
@@ -138,11 +140,13 @@ def _pad_fp8(t: Tensor, rows: int, cols: int) -> Tensor:
 
 def _gemm_simulated(a: Tensor, a_s: Tensor, b: Tensor, b_s_rows: Tensor) -> Tensor:
     """a [M, K], a_s [M, Kb], b [N, K], b_s_rows [N, Kb] -> FP32 [M, N], promoted every 128."""
+    ### BEGIN SOLUTION: the FP8 GEMM: per-128-wide K block products, scaled and summed in FP32 (DeepSeek-V3 §3.3.2)
     (M, K), N, kb = a.shape, b.shape[0], a_s.shape[1]
     A = F.pad(a.float(), (0, kb * BLOCK - K)).view(M, kb, BLOCK).transpose(0, 1)   # [Kb, M, 128]
     B = F.pad(b.float(), (0, kb * BLOCK - K)).view(N, kb, BLOCK).permute(1, 2, 0)  # [Kb, 128, N]
     partial = torch.bmm(A, B)                      # [Kb, M, N]: one tensor-core pass per K block
     return (partial * a_s.T[:, :, None] * b_s_rows.T[:, None, :]).sum(0)  # scale, add in FP32
+    ### END SOLUTION
 
 
 def _gemm_rowwise(a: Tensor, a_s: Tensor, b: Tensor, b_s_rows: Tensor) -> Tensor:

@@ -221,6 +221,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str 
     """A_i = r_i - mean_g (scale="mean", Dr. GRPO) or (r_i - mean_g) / std_g (scale="std", GRPO), with
     mean_g and the population std_g over row i's group g; exactly 0 in a group of equal rewards.
     Args: rewards [N], group_ids [N] in 0..n_groups-1. Returns A [N], zero_var [n_groups] bool."""
+    ### BEGIN SOLUTION: group-relative advantages, r - mean or (r - mean) / std per group (DeepSeekMath §4.1.2)
     r, n = rewards.double(), int(group_ids.max()) + 1
     total = lambda x: torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, group_ids, x)  # noqa: E731
     count = total(torch.ones_like(r))
@@ -229,6 +230,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str 
     zero_var = std < 1e-8
     A = (r - mean[group_ids]) / (std[group_ids].clamp_min(1e-8) if scale == "std" else 1.0)
     return torch.where(zero_var[group_ids], 0.0, A).to(rewards.dtype), zero_var
+    ### END SOLUTION
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -252,6 +254,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: tor
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (log-probs of the frozen reference policy)")
+    ### BEGIN SOLUTION: the clipped GRPO objective, k3 KL penalty and aggregation, negated (DeepSeekMath §4.1.1)
     ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))           # [N, T]
     A = advantages[:, None]
     surrogate = torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
@@ -268,6 +271,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: tor
         tok_mean = lambda x: ((x * mask).sum() / mask.sum().clamp_min(1)).item()      # noqa: E731
         stats = {"clip_frac": tok_mean(clipped), "kl": tok_mean(kl), "ratio_mean": tok_mean(ratio)}
     return loss, stats
+    ### END SOLUTION
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -231,6 +231,7 @@ class MLA(nn.Module):
 
     def _attend_absorb(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend over the latent directly: W_UK folded into q, W_UV applied after. [B, T, H, dv]."""
+        ### BEGIN SOLUTION: absorbed MLA: fold W_UK into the query, W_UV after attention (DeepSeek-V2 §2.1.2)
         cfg = self.cfg
         wkv_b = self.wkv_b.weight.view(cfg.n_heads, -1, cfg.kv_lora_rank)  # [H, dn + dv, c], a view
         w_uk, w_uv = wkv_b[:, :cfg.qk_nope_head_dim], wkv_b[:, cfg.qk_nope_head_dim:]
@@ -242,6 +243,7 @@ class MLA(nn.Module):
         p = scores.softmax(dim=-1, dtype=torch.float32).type_as(q_lat)
         o_lat = torch.einsum("bsht,btc->bshc", p, c_kv)       # [B, T, H, c]
         return torch.einsum("bshc,hdc->bshd", o_lat, w_uv)     # [B, T, H, dv]
+        ### END SOLUTION
 
     def _check(self, x, start_pos, cache, mode) -> tuple[int, int]:
         """Fail early, with a message, on inputs that would otherwise break deep inside torch."""

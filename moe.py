@@ -120,6 +120,7 @@ class Gate(nn.Module):
         with torch.autocast(x.device.type, enabled=False):                  # routing in fp32, as in V3
             scores = F.linear(x.float(), self.weight.float())                # [N, E]
         scores = scores.sigmoid() if self.score_func == "sigmoid" else scores.softmax(dim=-1)
+        ### BEGIN SOLUTION: group-limited top-k of s + b; weights: the unbiased s, normalised (DeepSeek-V3 §2.1.2)
         biased = scores.detach() + self.bias                                 # for selection only
         if self.n_groups > 1:
             biased = biased.view(x.size(0), self.n_groups, -1)               # [N, G, E/G]
@@ -132,6 +133,7 @@ class Gate(nn.Module):
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights * self.route_scale).type_as(x), indices, scores
+        ### END SOLUTION
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Args: x [N, dim]. Returns (weights [N, k], indices [N, k]), as the official Gate."""
@@ -235,7 +237,9 @@ def balance_term(scores: Tensor, indices: Tensor) -> Tensor:
 @torch.no_grad()
 def loss_free_bias_update(bias: Tensor, load: Tensor, gamma: float) -> None:
     """In place: b_i += gamma * sign(mean(load) - load_i) (Wang et al. 2024, Alg. 1). Args: [E], [E]."""
+    ### BEGIN SOLUTION: the auxiliary-loss-free bias update, in place (DeepSeek-V3 §2.1.2)
     bias += gamma * torch.sign(load.float().mean() - load.float())          # all-zero load: no change
+    ### END SOLUTION
 
 
 def max_violation(load: Tensor) -> float:

@@ -89,8 +89,10 @@ class MTPModule(nn.Module):
         if h_prev.shape[:2] != next_tokens.shape:
             raise ValueError(f"h_prev {tuple(h_prev.shape)} and next_tokens {tuple(next_tokens.shape)} "
                              "must align position by position: pass t_{i+k} beside h_i")
+        ### BEGIN SOLUTION: MTP module: eh_proj([enorm(Emb(t_i+k)); hnorm(h)]), then the block (DeepSeek-V3 §2.2)
         x = torch.cat([self.enorm(self.embed(next_tokens)), self.hnorm(h_prev)], dim=-1)  # [B, T, 2d]
         return self.block(self.eh_proj(x), start_pos=start_pos, cache=cache)            # [B, T, d]
+        ### END SOLUTION
 
     def logits(self, h: Tensor) -> Tensor:
         """h [B, T, d] -> logits [B, T, V] through the module's norm and the shared head."""
@@ -206,6 +208,7 @@ def speculative_generate(model, prompt: Tensor, max_new_tokens: int, temperature
             best = logits.argmax(-1).tolist()
             keep, bonus, fix = best[0] == draft, best[1], best[0]
         else:        # keep with probability min(1, p/q), else resample from norm(max(0, p - q))
+            ### BEGIN SOLUTION: accept w.p. min(1, p/q) (set keep, bonus), else fix ~ norm(max(0, p - q)) (V3 §5.4.3)
             p = torch.softmax(logits / temperature, dim=-1)                      # [2, V]
             keep = bool(torch.rand((), generator=generator) * q[0, draft] < p[0, draft])
             if keep:
@@ -214,6 +217,7 @@ def speculative_generate(model, prompt: Tensor, max_new_tokens: int, temperature
                 residual = (p[0] - q[0]).clamp_min(0)                            # [V]
                 residual = residual if residual.sum() > 0 else p[0]              # p == q: never rejects
                 fix = int(torch.multinomial(residual, 1, generator=generator))
+            ### END SOLUTION
         if keep:
             toks += [draft, bonus]
             accepted, n = accepted + 1, n + 2

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # tests/test_<concept>.py is graded by `pytest -m <concept>` (the instructor kit relies on this).
-CONCEPTS = {"mla", "moe", "mtp", "fp8", "train", "grpo", "distill", "notebooks"}
+CONCEPTS = {"mla", "moe", "mtp", "fp8", "train", "grpo", "distill", "notebooks", "kit"}
 
 
 def pytest_collection_modifyitems(config, items):
