@@ -14,13 +14,13 @@ a teacher shows it directly. The recipe:
                             L = T^2 (1/|o|) sum_t KL(p_teacher(.|q,o_<t)/T || p_student(.|q,o_<t)/T)
 
 The comparison, per seed, from one pretrained student (train.py's student_config: dense, no MoE, no
-MTP, ~0.14M parameters vs the teacher's 1.9M), at EQUAL NUMBER OF UPDATES (--updates optimizer steps):
+MTP, 0.41M parameters vs the teacher's 1.9M), at EQUAL NUMBER OF UPDATES (--updates optimizer steps):
     (a) the student base (pretraining only)
     (b) + GRPO (grpo.rl_train on the student: 16 prompts x G = 8 rollouts per update)
     (c) + distillation (SFT on teacher traces, --batch-size traces per update), and token-level KD
     (d) + distillation, then low-learning-rate GRPO (extra updates, stated)
-Held-out greedy accuracy, averaged over --seeds student seeds (each pretrains its own student), with
-the spread. The teacher's figures beside. Writes out/distill/: summary.json, table.md, distill.png.
+Held-out greedy accuracy, averaged over --seeds post-training seeds (RL sampling and trace order; the
+student is pretrained once, --student-seed), with the spread. The teacher's figures beside. Writes out/distill/: summary.json, table.md, distill.png.
 
     python distill.py                         # teacher out/grpo/ckpt.pt -> out/distill/
     python distill.py --seeds 1 --updates 20  # quicker
@@ -52,10 +52,11 @@ LABELS = {"student_base": "(a) student base", "student_rl": "(b) student + GRPO"
 @dataclass
 class DistillConfig:
     teacher: str = "out/grpo/ckpt.pt"
-    student: str = ""             # a pretrained student checkpoint; "" = pretrain one per seed (train.py --student)
+    student: str = ""             # a pretrained student checkpoint; "" = pretrain one (train.py --student)
     out: str = "out/distill"
-    seeds: int = 3
-    student_steps: int = 300      # pretraining steps of each student
+    seeds: int = 3                # post-training seeds (RL sampling, trace order), all from one pretrained student
+    student_seed: int = 0         # the student's pretraining seed
+    student_steps: int = 600      # pretraining steps of the student
     trace_prompts: int = 1024     # training prompts the teacher answers
     trace_samples: int = 2        # teacher samples per prompt (rejection sampling keeps the correct ones)
     trace_temperature: float = 0.6
@@ -187,7 +188,7 @@ def pretrained_student(cfg: DistillConfig, teacher_cfg: train.Config, seed: int,
     scfg = train.student_config(teacher_cfg)
     scfg.train = dataclasses.replace(scfg.train, steps=cfg.student_steps, eval_interval=cfg.student_steps, seed=seed,
                                      eval_n=cfg.n, resume=False, fp8=False, compile=False, device=device,
-                                     out=os.path.join(cfg.out, f"seed{seed}", "student"))
+                                     out=os.path.join(cfg.out, "student"))
     train.train(scfg)
     model, enc, _, _ = train.load_checkpoint(os.path.join(scfg.train.out, "ckpt.pt"), device)
     return model, enc, scfg
@@ -200,15 +201,12 @@ def student_rl(model: train.Transformer, enc, scfg: train.Config, steps: int, lr
     return grpo.rl_train(model, enc, g, None, scfg, verbose=False)
 
 
-def one_seed(cfg: DistillConfig, teacher: train.Transformer, enc, traces: grpo.Rollout, teacher_cfg: train.Config,
-             seed: int, device: str) -> dict:
-    """(a)-(d) from one pretrained student. Returns {method: {accuracy, think_rate, length, seconds}}."""
-    width, heldout = teacher_cfg.train.max_digits, train.eval_split("heldout", cfg.n, teacher_cfg.train.max_digits)
+def one_seed(cfg: DistillConfig, teacher: train.Transformer, enc, traces: grpo.Rollout, student: train.Transformer,
+             scfg: train.Config, seed: int) -> dict:
+    """(a)-(d) from the pretrained student; `seed` drives RL sampling and the order of the traces.
+    Returns {method: {accuracy, think_rate, length, seconds}}."""
+    width, heldout = scfg.train.max_digits, train.eval_split("heldout", cfg.n, scfg.train.max_digits)
     torch.manual_seed(seed)
-    student, student_enc, scfg = pretrained_student(cfg, teacher_cfg, seed, device)
-    if train.tokenizer_state(student_enc) != train.tokenizer_state(enc):
-        raise SystemExit("error: the student's tokenizer differs from the teacher's: traces and token-level KD "
-                         "need one tokenizer; pretrain the student on the teacher's world (omit --student)")
     out, say = {}, lambda m: print(f"  seed {seed} | {LABELS[m]:34s} accuracy {out[m]['accuracy']:.3f} | "
                                    f"think rate {out[m]['think_rate']:.2f} | {out[m]['seconds']:.0f}s", flush=True)
     pick = lambda s, when: {k: s[f"{k}_{when}"] for k in ("accuracy", "think_rate", "length")}   # noqa: E731
@@ -302,7 +300,11 @@ def run(cfg: DistillConfig) -> dict:
     traces, trace_stats = teacher_traces(teacher, enc, problems, width, cfg.trace_samples, cfg.trace_temperature)
     print(f"rejection sampling: kept {trace_stats['n_traces_kept']} of {trace_stats['n_traces_generated']} teacher "
           f"samples (T = {cfg.trace_temperature}) | {time.time() - t0:.0f}s", flush=True)
-    per_seed = [one_seed(cfg, teacher, enc, traces, teacher_cfg, seed, device) for seed in range(cfg.seeds)]
+    student, student_enc, scfg = pretrained_student(cfg, teacher_cfg, cfg.student_seed, device)
+    if train.tokenizer_state(student_enc) != train.tokenizer_state(enc):
+        raise SystemExit("error: the student's tokenizer differs from the teacher's: traces and token-level KD "
+                         "need one tokenizer; pretrain the student on the teacher's world (omit --student)")
+    per_seed = [one_seed(cfg, teacher, enc, traces, student, scfg, seed) for seed in range(cfg.seeds)]
     s = summarize(per_seed, teacher_ev, trace_stats, cfg, time.time() - t0)
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(s, f, indent=2)

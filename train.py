@@ -9,15 +9,18 @@ This is the wiring file. It assembles the concept files into DeepSeek-V3's archi
                   MoE gate biases updated once per optimizer step (auxiliary-loss-free balancing)
 
 The data is a world where reasoning is *verifiable* and *pays*, which is what the R1 story needs:
-multi-digit addition, answered either directly (`<answer>7329</answer>`) or step by step
-(`<think>8+1+0=9 3+9+0=12 ...</think><answer>7329</answer>`, one column at a time with its carry).
-The corpus mostly answers directly, so the pretrained model *can* reason (force `<think>` and it is
-right) but rarely *chooses* to. grpo.py's RL must discover that thinking pays, as R1-Zero did.
+multi-digit addition, answered either directly (`<answer>0006229</answer>`) or step by step
+(`<think>8+1+0=09,______9 3+9+0=12,_____29 ...</think><answer>0007329</answer>`, one column at a
+time with its carry). The corpus mostly answers directly, and its direct answers are hasty: written
+without working, they forget carries (right only when no column carries; `--no-hasty` makes them
+exact, and a 4-layer model then learns to answer most problems directly). So the pretrained model
+*can* reason (force `<think>` and it is right) but rarely *chooses* to, and its own quick answers
+are usually wrong. grpo.py's RL must discover that thinking pays, as R1-Zero did.
 
     python train.py                    # pretrain (≈ minutes on a laptop CPU), writes out/pretrain/
     python train.py --sample "123+456="  # complete prompts with the checkpoint
     python train.py --bench            # tokens/s of this model vs a plain dense GPT of equal active size
-    python train.py --student          # distill.py's small dense student (no MoE, no MTP)
+    python train.py --student          # distill.py's smaller dense student (no MoE, no MTP)
     python train.py --fp8 | --compile | --data FILE   # FP8 Linears (V3 §3.3), torch.compile, any UTF-8 text
     torchrun --standalone --nproc_per_node=2 train.py # DistributedDataParallel (gloo on CPU, nccl on CUDA)
 """
@@ -74,7 +77,7 @@ class ModelArgs:
 
 @dataclass
 class TrainConfig:
-    steps: int = 500
+    steps: int = 600
     batch_size: int = 16          # sequences per micro-batch per process
     grad_accum: int = 1
     seq_len: int = 256
@@ -85,7 +88,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_digits: int = 6           # training operands have 1..max_digits digits (written at this width)
     think_frac: float = 0.35      # share of step-by-step answers in the corpus
-    eval_interval: int = 250
+    hasty: bool = True            # the corpus's direct answers forget carries (hasty_sum); worked ones are right
+    eval_interval: int = 300
     eval_n: int = 200
     log_interval: int = 25
     device: str = "auto"
@@ -108,9 +112,10 @@ class Config:
 
 def student_config(cfg: Config | None = None) -> Config:
     """The student distill.py distils into (R1 §2.4: small DENSE models): same world and tokenizer as
-    cfg, half the width and depth, no MoE (every layer dense), no MTP: ~0.14M parameters vs 1.9M."""
-    mla = MLAConfig(n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
-    model = ModelArgs(dim=64, n_layers=2, n_dense_layers=2, inter_dim=192, mla=mla, mtp=MTPConfig(n_mtp_depth=0))
+    cfg, 3/4 of the width and depth, no MoE (every layer dense), no MTP: 0.41M parameters vs 1.9M (1.0M
+    active). A 2-layer, width-64 student (0.14M) learned nothing in 600 steps, not even the hasty sums."""
+    mla = MLAConfig(n_heads=4, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=24)
+    model = ModelArgs(dim=96, n_layers=3, n_dense_layers=3, inter_dim=288, mla=mla, mtp=MTPConfig(n_mtp_depth=0))
     tc = dataclasses.replace((cfg or Config()).train, student=True)
     return Config(model=model, train=tc)
 
@@ -207,12 +212,21 @@ def think_steps(a: int, b: int, width: int) -> str:
     return " ".join(steps)
 
 
-def render(a: int, b: int, think: bool, width: int) -> tuple[str, str]:
+def hasty_sum(a: int, b: int) -> int:
+    """What a hasty writer answers without working it out: each column's digit sum mod 10, carries
+    forgotten. Right exactly when no column carries (4738+2591 -> 6229, not 7329; 123+456 -> 579)."""
+    w = max(len(str(a)), len(str(b)))
+    return int("".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a).zfill(w), str(b).zfill(w))))
+
+
+def render(a: int, b: int, think: bool, width: int, hasty: bool = False) -> tuple[str, str]:
     """One problem as (prompt, response), numbers zero-padded to `width` digits like an odometer
-    (the answer to width+1). The prompt never says which style to use."""
+    (the answer to width+1). The prompt never says which style to use. hasty: a direct answer is
+    hasty_sum (the corpus's direct answers; a worked answer is always right)."""
     prompt = f"<|bos|>{a:0{width}d}+{b:0{width}d}="
     reasoning = f"<think>{think_steps(a, b, width)}</think>" if think else ""
-    return prompt, f"{reasoning}<answer>{a + b:0{width + 1}d}</answer>"
+    answer = hasty_sum(a, b) if hasty and not think else a + b
+    return prompt, f"{reasoning}<answer>{answer:0{width + 1}d}</answer>"
 
 
 def sample_problem(rng: random.Random, min_digits: int, max_digits: int) -> tuple[int, int]:
@@ -248,7 +262,7 @@ class World:
     def example(self, rng: random.Random) -> list[int]:
         while (p := sample_problem(rng, 1, self.tc.max_digits)) in self.heldout:
             pass
-        prompt, response = render(*p, rng.random() < self.tc.think_frac, self.tc.max_digits)
+        prompt, response = render(*p, rng.random() < self.tc.think_frac, self.tc.max_digits, self.tc.hasty)
         return encode(self.enc, prompt + response) + [self.eos]
 
     def row(self, j: int) -> list[int]:

@@ -126,7 +126,7 @@ def test_student_is_smaller_dense_and_shares_the_tokenizer():
     enc, _ = tiny_world()
     teacher, student = train.build_model(cfg, enc, "cpu"), train.build_model(student_cfg, enc, "cpu")
     n = lambda m: sum(p.numel() for p in m.parameters())        # noqa: E731
-    assert n(student) < n(teacher) / 5
+    assert n(student) < n(teacher) / 4
     assert student_cfg.model.dim < cfg.model.dim and student_cfg.model.n_layers < cfg.model.n_layers
     assert not any(isinstance(m, MoE) for m in student.modules()) and len(student.mtp) == 0
     assert any(isinstance(m, MoE) for m in teacher.modules())
@@ -156,7 +156,7 @@ def test_smoke_run_end_to_end(tmp_path, monkeypatch):
     assert s["seeds"] == 2 and s["n_traces_kept"] == 16 and len(s["student_rl_accuracy_by_seed"]) == 2
     assert json.load(open(tmp_path / "d" / "summary.json")) == s
     assert os.path.getsize(tmp_path / "d" / "distill.png") > 0 and (tmp_path / "d" / "table.md").exists()
-    assert (tmp_path / "d" / "seed1" / "student" / "ckpt.pt").exists()
+    assert (tmp_path / "d" / "student" / "ckpt.pt").exists()
 
 
 def test_missing_teacher_and_bad_flags_fail_clearly(tmp_path):

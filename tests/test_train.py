@@ -76,6 +76,19 @@ def test_think_steps_compute_the_sum():
         assert int(digits) == a + b and train.parse_answer(response) == a + b
 
 
+def test_hasty_direct_answers_forget_exactly_the_carries():
+    rng = random.Random(1)
+    for _ in range(500):
+        a, b = rng.randrange(10 ** rng.randint(1, 6)), rng.randrange(10 ** rng.randint(1, 6))
+        w = max(len(str(a)), len(str(b)))
+        no_carry = all(int(x) + int(y) < 10 for x, y in zip(str(a).zfill(w), str(b).zfill(w)))
+        assert (train.hasty_sum(a, b) == a + b) == no_carry
+        assert train.hasty_sum(a, b) % 10 == (a + b) % 10          # the last column never has a carry in
+        hasty, worked = train.render(a, b, False, 6, hasty=True)[1], train.render(a, b, True, 6, hasty=True)[1]
+        assert train.parse_answer(hasty) == train.hasty_sum(a, b) and train.parse_answer(worked) == a + b
+    assert train.hasty_sum(4738, 2591) == 6229 and train.hasty_sum(999, 1) == 990
+
+
 def test_heldout_problems_never_appear_in_training_data(tmp_path):
     # With 1-digit operands there are only 100 problems: hold out 30 and read 300 training rows.
     cfg = tiny_config(tmp_path, max_digits=1)
