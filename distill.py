@@ -65,7 +65,7 @@ class DistillConfig:
     lr: float = 1e-3              # distillation learning rate (AdamW, constant after 5 warm-up steps)
     kd_temperature: float = 1.0
     rl_lr: float = 3e-4           # GRPO on the student (b): the best of a sweep, see the README
-    distill_rl_updates: int = 20  # (d): GRPO updates after distillation; 0 = skip
+    distill_rl_updates: int = 0   # (d): GRPO updates after distillation (0 = skip; one seed with 20 gained nothing)
     distill_rl_lr: float = 3e-5   # low: a high lr undoes what distillation taught (field notes)
     n: int = 200                  # held-out evaluation problems
     threads: int = 0              # CPU threads (0 = torch's default)
