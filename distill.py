@@ -18,7 +18,7 @@ MTP, 0.41M parameters vs the teacher's 1.9M), at EQUAL NUMBER OF UPDATES (--upda
     (a) the student base (pretraining only)
     (b) + GRPO (grpo.rl_train on the student: 16 prompts x G = 8 rollouts per update)
     (c) + distillation (SFT on teacher traces, --batch-size traces per update), and token-level KD
-    (d) + distillation, then low-learning-rate GRPO (extra updates, stated)
+    (d) optional (--distill-rl-updates N, off by default): distillation, then low-lr GRPO (extra updates)
 Held-out greedy accuracy, averaged over --seeds post-training seeds (RL sampling and trace order; the
 student is pretrained once, --student-seed), with the spread. The teacher's figures beside. Writes out/distill/: summary.json, table.md, distill.png.
 
@@ -27,7 +27,6 @@ student is pretrained once, --student-seed), with the spread. The teacher's figu
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -104,9 +103,9 @@ def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, in
         kept += [(ro.tokens[j], ro.mask[j], ro.texts[j], ro.targets[j]) for j in range(len(keep)) if keep[j]]
         n_generated += len(keep)
     T = max(int(m.nonzero().max()) + 2 for _, m, _, _ in kept)          # last response token + 1
-    tokens = torch.stack([t[:T] if len(t) >= T else F.pad(t, (0, T - len(t)), value=teacher.args.pad_id)
-                          for t, _, _, _ in kept])
-    mask = torch.stack([F.pad(m, (0, max(0, T - 1 - len(m))))[:T - 1] for _, m, _, _ in kept])
+    # chunks were padded to their own lengths: F.pad to T (a negative pad crops) aligns them
+    tokens = torch.stack([F.pad(t, (0, T - len(t)), value=teacher.args.pad_id) for t, _, _, _ in kept])
+    mask = torch.stack([F.pad(m, (0, T - 1 - len(m))) for _, m, _, _ in kept])
     stats = {"n_traces_generated": n_generated, "n_traces_kept": len(kept),
              "think_rate_kept": grpo.mean_of(grpo.thinks, [k[2] for k in kept])}
     return grpo.Rollout(tokens, mask, torch.zeros(len(kept), dtype=torch.long), torch.ones(len(kept)),
@@ -318,16 +317,7 @@ def run(cfg: DistillConfig) -> dict:
 
 
 def parse_config(argv: list[str] | None = None) -> DistillConfig:
-    cfg = DistillConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_flags(parser, cfg)
-    train.apply_flags(cfg, parser.parse_args(argv))
-    try:
-        cfg.validate()
-    except ValueError as e:
-        parser.error(str(e))
-    return cfg
+    return train.config_from_flags(DistillConfig(), argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> None:

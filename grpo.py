@@ -39,7 +39,6 @@ ignored (the loss uses the main head); MoE gate biases keep balancing once per o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -425,17 +424,10 @@ def plot_run(metrics_path: str, out_dir: str) -> None:
 
 def parse_config(argv: list[str] | None = None) -> GRPOConfig:
     """GRPOConfig from flags generated from its fields (train.add_flags): --group-size 8, --eval CKPT, ..."""
-    cfg, argv = GRPOConfig(), list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_flags(parser, cfg)
-    train.apply_flags(cfg, parser.parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = train.config_from_flags(GRPOConfig(), argv, __doc__)
     if cfg.reward == "format" and not any(a == "--out" or a.startswith("--out=") for a in argv):
         cfg.out = "out/grpo_format_control"
-    try:
-        cfg.validate()
-    except ValueError as e:
-        parser.error(str(e))
     return cfg
 
 

@@ -822,28 +822,37 @@ def apply_flags(dc, args: argparse.Namespace, skip=()) -> None:
             setattr(dc, f.name, getattr(args, f.name))
 
 
+def config_from_flags(cfg, argv: list[str] | None, description: str, check=None):
+    """Fill the dataclass cfg from flags generated from its fields; check(cfg) (default cfg.validate())
+    raising ValueError becomes argparse's one-line usage error. Shared by train, grpo and distill."""
+    parser = argparse.ArgumentParser(description=description.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(parser, cfg)
+    apply_flags(cfg, parser.parse_args(argv))
+    try:
+        (check or (lambda c: c.validate()))(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    cfg.model.__post_init__()
+    cfg.model.mla.validate()
+    cfg.model.moe.validate()
+    tc = cfg.train
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_n", "max_digits"):
+        if getattr(tc, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive (got {getattr(tc, name)})")
+    if tc.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"--seq-len {tc.seq_len} exceeds --max-seq-len {cfg.model.max_seq_len}")
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--student", action="store_true")
     cfg = student_config() if pre.parse_known_args(argv)[0].student else Config()   # the flags' defaults
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_flags(parser, cfg)
-    args = parser.parse_args(argv)
-    apply_flags(cfg, args)
-    cfg.model.__post_init__()
-    try:
-        cfg.model.mla.validate()
-        cfg.model.moe.validate()
-    except ValueError as e:
-        parser.error(str(e))
-    tc = cfg.train
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_n", "max_digits"):
-        if getattr(tc, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive (got {getattr(tc, name)})")
-    if tc.seq_len > cfg.model.max_seq_len:
-        parser.error(f"--seq-len {tc.seq_len} exceeds --max-seq-len {cfg.model.max_seq_len}")
-    return cfg
+    return config_from_flags(cfg, argv, __doc__, check_config)
 
 
 def sample_main(cfg: Config) -> None:
