@@ -883,6 +883,8 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(cfg)
+        if dist.is_initialized():   # rank 0 still evaluates and saves: tearing gloo down under it aborts
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
