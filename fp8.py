@@ -5,7 +5,7 @@ narrow range, so a tensor is stored as FP8 values times FP32 *scales*: q = x / s
 One outlier makes amax large, s large, and pushes every ordinary value of its group towards zero.
 DeepSeek-V3 therefore scales small groups (§3.3.2) and uses E4M3 for every tensor:
 
-    activations and gradients: 1×128 tiles along the contraction dim, s = max(amax, 1e-4) / 448
+    activations and gradients: 1×128 tiles along the contraction dim, s = max(amax, floor) / 448
     weights:                   128×128 blocks
     UE8M0 scales (V3.1):       s rounded UP to a power of two, 2^ceil(log2 s), so amax/s <= 448
 
@@ -29,6 +29,7 @@ demo() measures: format basics; quantization error with outlier channels (per-te
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -41,7 +42,8 @@ from torch import Tensor
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BLOCK = 128          # tile size of the official kernels, and N_C, the promotion interval
-AMAX_FLOOR = 1e-4    # an all-zero tile still gets a finite scale (official act_quant)
+AMAX_FLOOR = 1e-4    # an all-zero tile still gets a finite scale (official act_quant, for activations)
+GRAD_AMAX_FLOOR = 1e-30  # gradients are ~1e-9..1e-4 (loss / tokens): a 1e-4 floor would flush them to 0
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -52,11 +54,12 @@ def pow2_ceil(s: Tensor) -> Tensor:
 
 
 def quantize(x: Tensor, tile: tuple[int, int], scale_fmt: str | None = None,
-             dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+             dtype: torch.dtype = E4M3, amax_floor: float = AMAX_FLOOR) -> tuple[Tensor, Tensor]:
     """Scale every (r × c) tile of the last two dims by its own amax and cast to FP8.
 
     Args: x [..., R, C] float; tile (r, c), e.g. (1, 128), (128, 128) or (R, C) for per-tensor;
-        scale_fmt None (exact FP32 scales) or "ue8m0" (powers of two, rounded up); dtype E4M3/E5M2.
+        scale_fmt None (exact FP32 scales) or "ue8m0" (powers of two, rounded up); dtype E4M3/E5M2;
+        amax_floor: the smallest amax a scale is made from (only all-zero or tiny tiles reach it).
     Returns: x_fp8 [..., R, C] (dtype), s [..., ceil(R/r), ceil(C/c)] FP32 with x ≈ x_fp8 * s.
     """
     if scale_fmt not in (None, "ue8m0"):
@@ -66,10 +69,10 @@ def quantize(x: Tensor, tile: tuple[int, int], scale_fmt: str | None = None,
     (r, c), (R, C), fmax = tile, x.shape[-2:], torch.finfo(dtype).max
     if r < 1 or c < 1:
         raise ValueError(f"tile sizes must be positive, got {tile}")
-    ### BEGIN SOLUTION: tile-wise quantisation: s = max(amax, 1e-4) / fmax per tile, q = x / s (DeepSeek-V3 §3.3.2)
+    ### BEGIN SOLUTION: tile-wise quantisation: s = max(amax, amax_floor) / fmax per tile, q = x / s (DeepSeek-V3 §3.3.2)
     xp = F.pad(x.float(), (0, -C % c, 0, -R % r))                # zeros: no effect on any amax
     t = xp.unflatten(-1, (-1, c)).unflatten(-3, (-1, r))         # [..., R/r, r, C/c, c]
-    s = t.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR) / fmax  # [..., R/r, C/c]
+    s = t.abs().amax(dim=(-3, -1)).clamp(min=amax_floor) / fmax  # [..., R/r, C/c]
     if scale_fmt == "ue8m0":
         s = pow2_ceil(s)
     q = (t / s[..., :, None, :, None]).clamp(-fmax, fmax)       # clamp: cast overflow is version-dependent
@@ -86,9 +89,9 @@ def dequantize(q: Tensor, s: Tensor, tile: tuple[int, int]) -> Tensor:
 
 
 def act_quant(x: Tensor, block_size: int = BLOCK, scale_fmt: str | None = None,
-              dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+              dtype: torch.dtype = E4M3, amax_floor: float = AMAX_FLOOR) -> tuple[Tensor, Tensor]:
     """1×block_size tiles along the last dim. x [..., K] -> (x_fp8 [..., K], scales [..., ceil(K/128)])."""
-    q, s = quantize(x.unsqueeze(-2), (1, block_size), scale_fmt, dtype)
+    q, s = quantize(x.unsqueeze(-2), (1, block_size), scale_fmt, dtype, amax_floor)
     return q.squeeze(-2), s.squeeze(-2)
 
 
@@ -257,13 +260,18 @@ class _Fp8LinearFn(torch.autograd.Function):
         xq, xs, wq, ws = ctx.saved_tensors
         shape, x_dtype, w_dtype, fmt, has_bias = ctx.meta
         g = gy.reshape(-1, gy.shape[-1]).float()                   # [M, out]
-        gq, gs = act_quant(g, scale_fmt=fmt)                       # 1×128 along out
+        gq, gs = act_quant(g, scale_fmt=fmt, amax_floor=GRAD_AMAX_FLOOR)  # 1×128 along out
         dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t())         # Dgrad [M, in]; Wᵀ keeps its blocks
-        gtq, gts = act_quant(g.t(), scale_fmt=fmt)                 # [out, M]: 128×1 tiles of g
+        gtq, gts = act_quant(g.t(), scale_fmt=fmt, amax_floor=GRAD_AMAX_FLOOR)  # [out, M]: 128×1 of g
         xtq, xts = act_quant(act_dequant(xq, xs).t(), scale_fmt=fmt)  # [in, M]: cached x re-tiled
         dw = fp8_gemm(gtq, gts, xtq, xts)                          # Wgrad [out, in]
         db = g.sum(0) if has_bias else None
         return dx.to(x_dtype).reshape(shape), dw.to(w_dtype), db, None
+
+
+def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale_fmt: str | None = None) -> Tensor:
+    """F.linear with its three GEMMs in block-scaled FP8: x [..., in], weight [out, in] -> [..., out]."""
+    return _Fp8LinearFn.apply(x, weight, bias, scale_fmt)
 
 
 class Fp8Linear(nn.Linear):
@@ -285,7 +293,7 @@ class Fp8Linear(nn.Linear):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, self.scale_fmt)
+        return fp8_linear(x, self.weight, self.bias, self.scale_fmt)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8=e4m3, scale_fmt={self.scale_fmt}"
@@ -294,8 +302,12 @@ class Fp8Linear(nn.Linear):
 def swap_to_fp8(model: nn.Module, keep: tuple[str, ...] = ("embed", "head", "gate", "norm"),
                 scale_fmt: str | None = None) -> nn.Module:
     """Replace (in place) every nn.Linear whose qualified name contains none of `keep` by an
-    Fp8Linear; embedding, output head, router gate and norms stay high precision (V3 §3.3.1)."""
+    Fp8Linear; embedding, output head, router gate and norms stay high precision (V3 §3.3.1).
+    Modules that keep stacked weights (moe.MoE's routed experts) expose `expert_linear`, the
+    function their GEMMs call: it becomes fp8_linear, so the experts compute in FP8 too."""
     for parent_name, parent in list(model.named_modules()):
+        if hasattr(parent, "expert_linear") and not any(k in parent_name for k in keep):
+            parent.expert_linear = functools.partial(fp8_linear, scale_fmt=scale_fmt)
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             if type(child) is nn.Linear and not any(k in full for k in keep):

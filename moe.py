@@ -141,24 +141,26 @@ class Gate(nn.Module):
 
 
 def experts_forward(xs: Tensor, counts: Tensor, g: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
-                    grouped: bool = True) -> Tensor:
+                    grouped: bool = True, linear=F.linear) -> Tensor:
     """g * SwiGLU_e(x) for every row, each expert e on its contiguous segment of expert-sorted rows.
     Args: xs [M, dim] rows sorted by expert; counts [E] rows per expert; g [M] gate weights, applied to
     the hidden (w2 is linear: same result as scaling the output, cheaper when inter < dim); w1, w3
     [E, inter, dim] and w2 [E, dim, inter] (expert i's nn.Linear weights are w1[i], w2[i], w3[i]).
     grouped: one torch._grouped_mm per weight on CPU (fp32/bf16, 16-byte aligned rows), else a loop over
-    experts (also on GPUs: untested here, and F.linear follows autocast). Returns [M, dim].
+    experts (also on GPUs: untested here, and F.linear follows autocast). linear: the GEMM of the loop
+    (fp8.fp8_linear for FP8 training; any other than F.linear means the loop). Returns [M, dim].
     """
     aligned = all(n * xs.element_size() % 16 == 0 for n in w1.shape[1:])     # 16-byte rows
     cpu_ok = xs.device.type == "cpu" and xs.dtype in (torch.float32, torch.bfloat16) and w1.dtype == xs.dtype
-    if grouped and hasattr(torch, "_grouped_mm") and cpu_ok and aligned:
+    if grouped and linear is F.linear and hasattr(torch, "_grouped_mm") and cpu_ok and aligned:
         offs = counts.cumsum(0).to(torch.int32)                              # segment ends
         h = F.silu(torch._grouped_mm(xs, w1.mT, offs=offs)) * torch._grouped_mm(xs, w3.mT, offs=offs)
         return torch._grouped_mm(h * g.unsqueeze(-1), w2.mT, offs=offs)      # [M, inter] -> [M, dim]
     ys, split = [], counts.tolist()
     for e, (xe, ge) in enumerate(zip(xs.split(split), g.split(split))):    # per-expert loop fallback
-        ys.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]) * ge.unsqueeze(-1), w2[e]))
-    return torch.cat(ys)
+        if split[e]:                                                         # idle experts: no GEMM
+            ys.append(linear(F.silu(linear(xe, w1[e])) * linear(xe, w3[e]) * ge.unsqueeze(-1), w2[e]))
+    return torch.cat(ys) if ys else xs.new_zeros(0, w2.shape[1])
 
 
 class MoE(nn.Module):
@@ -168,6 +170,7 @@ class MoE(nn.Module):
     the official `experts.{i}.w1.weight` is experts.w1[i] (MoE.expert(i) gives an Expert). dispatch:
     "grouped" or "loop". forward sets aux_loss and last_load [E], and in training mode adds the loads to
     `counts` until update_bias(): a plain tensor, not a buffer, as DDP re-broadcasts buffers from rank 0.
+    expert_linear: the routed experts' GEMM (fp8.swap_to_fp8 sets fp8.fp8_linear).
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -179,6 +182,7 @@ class MoE(nn.Module):
                                          for n, (o, i) in (("w1", (H, D)), ("w2", (D, H)), ("w3", (H, D)))})
         self.shared_experts = MLP(D, cfg.n_shared_experts * H) if cfg.n_shared_experts > 0 else None
         self.aux_loss, self.last_load, self.counts = torch.zeros(()), torch.zeros(E, dtype=torch.long), None
+        self.expert_linear = F.linear
 
     def expert(self, i: int) -> Expert:
         """Routed expert i as a standalone Expert module (a copy of the stacked weights)."""
@@ -197,7 +201,8 @@ class MoE(nn.Module):
         token = order // k                                                   # token of each sorted slot
         counts = torch.bincount(flat, minlength=E)                           # [E] segment lengths
         ys = experts_forward(x[token], counts, weights.flatten()[order], self.experts.w1,
-                             self.experts.w2, self.experts.w3, self.dispatch == "grouped")  # [N*k, D]
+                             self.experts.w2, self.experts.w3, self.dispatch == "grouped",
+                             self.expert_linear)                                         # [N*k, D]
         y = ys.new_zeros(x.shape).index_add_(0, token, ys)                   # combine: [N, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

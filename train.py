@@ -265,8 +265,8 @@ class World:
         prompt, response = render(*p, rng.random() < self.tc.think_frac, self.tc.max_digits, self.tc.hasty)
         return encode(self.enc, prompt + response) + [self.eos]
 
-    def row(self, j: int) -> list[int]:
-        rng, toks = random.Random(f"{self.tc.seed}-{j}"), []
+    def row(self, j: int, stream: str | None = None) -> list[int]:
+        rng, toks = random.Random(f"{self.tc.seed if stream is None else stream}-{j}"), []
         while len(toks) < self.tc.seq_len + 1:
             toks += self.example(rng)
         return toks[: self.tc.seq_len + 1]
@@ -276,6 +276,11 @@ class World:
 
     def corpus_sample(self, n_rows: int = 200) -> str:
         return "".join(self.enc.decode(self.row(-1 - j)) for j in range(n_rows))
+
+    def evaluate(self, model: nn.Module, n_rows: int = 64) -> dict:
+        """Next-token CE on rows no run trains on, the same for every --seed (runs compare on one text)."""
+        rows = torch.tensor([self.row(j, stream="heldout") for j in range(n_rows)])
+        return {"heldout_loss": heldout_ce(model, rows, self.tc.batch_size)}
 
 
 def corpus_text(tc: TrainConfig, n: int = 3000) -> str:
@@ -302,15 +307,20 @@ class TextData:
         offsets = [random.Random(f"{self.tc.seed}-{j}").randrange(len(self.train_ids) - self.L + 1) for j in rows]
         return torch.stack([self.train_ids[o:o + self.L] for o in offsets])
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
         """Next-token cross-entropy over consecutive held-out windows (at most eval_n of them)."""
-        was_training, n = model.training, min(len(self.held_ids) // self.L, self.tc.eval_n)
-        windows = self.held_ids[: n * self.L].view(n, self.L).to(next(model.parameters()).device)
-        model.eval()
-        ce = sum(model(w[:, :-1], w[:, 1:])[1]["ce"].item() * len(w) for w in windows.split(self.tc.batch_size))
-        model.train(was_training)
-        return {"heldout_loss": ce / n}
+        n = min(len(self.held_ids) // self.L, self.tc.eval_n)
+        return {"heldout_loss": heldout_ce(model, self.held_ids[: n * self.L].view(n, self.L), self.tc.batch_size)}
+
+
+@torch.no_grad()
+def heldout_ce(model: nn.Module, rows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy of model on rows [n, seq_len + 1] (eval mode, no MTP)."""
+    was_training, rows = model.training, rows.to(next(model.parameters()).device)
+    model.eval()
+    ce = sum(model(w[:, :-1], w[:, 1:])[1]["ce"].item() * len(w) for w in rows.split(batch_size))
+    model.train(was_training)
+    return ce / len(rows)
 
 
 def make_text_data(tc: TrainConfig) -> tuple[tiktoken.Encoding, None, TextData]:
@@ -696,12 +706,13 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
             log(f"step {done:5d}/{tc.steps} | loss {row['loss']:.4f} (ce {row['ce']:.4f}) | "
                 f"{tps:,.0f} tok/s | {el:.0f}s elapsed, ETA {eta:.0f}s")
         if rank == 0 and (done % tc.eval_interval == 0 or done == tc.steps):
-            ev = world.evaluate(model) if tc.data else evaluate(model, enc, heldout, tc.max_digits)
+            ev = world.evaluate(model) if tc.data else {**evaluate(model, enc, heldout, tc.max_digits),
+                                                        **world.evaluate(model)}
             append_jsonl(metrics_path, {"step": done, **ev})
             log(f"eval @ {done}: held-out loss {ev['heldout_loss']:.4f}" if tc.data else
                 f"eval @ {done}: accuracy (think) {ev['accuracy_think']:.3f} | accuracy (own choice) "
                 f"{ev['accuracy_greedy']:.3f} | think rate {ev['think_rate_greedy']:.3f} | "
-                f"length {ev['mean_length_greedy']:.1f} tokens")
+                f"length {ev['mean_length_greedy']:.1f} tokens | held-out loss {ev['heldout_loss']:.4f}")
             save_checkpoint(ckpt_path, model, opt, done, cfg, enc)
             summary = {"heldout_" + k if k.startswith("accuracy") else k: v for k, v in ev.items()}
     if rank == 0 and summary:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from fp8 import Fp8Linear
+from fp8 import Fp8Linear, swap_to_fp8
 
 pytestmark = pytest.mark.train
 torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a shared CPU
@@ -77,6 +77,21 @@ def test_fp8_swaps_linears_but_keeps_embedding_head_gate_and_norms():
             "layers.0.ffn.w1", "layers.1.ffn.shared_experts.w2", "mtp.0.eh_proj"} <= fp8
     assert plain == {"head"}, f"only the output head stays a high-precision Linear, got {plain}"
     assert isinstance(model.embed, torch.nn.Embedding) and not isinstance(model.layers[1].ffn.gate, Fp8Linear)
+
+
+def test_fp8_routed_experts_compute_in_fp8():
+    """The routed experts are stacked weights, not Linears: swap_to_fp8 switches their GEMMs to FP8 too."""
+    cfg = train.parse_config(TINY)
+    moe = train.build_model(cfg, train.make_tokenizer_and_world(cfg.train, 2)[0], "cpu").layers[1].ffn
+    moe.shared_experts = None                       # what remains is the routed experts' output
+    x = torch.randn(2, 16, 32)
+    y = moe(x)
+    swap_to_fp8(moe)
+    y8 = moe(x)
+    rel = ((y8 - y).norm() / y.norm()).item()
+    assert 1e-3 < rel < 0.08, f"routed experts: FP8 vs FP32 relative difference {rel:.3g}"
+    y8.square().sum().backward()
+    assert all(p.grad.abs().max() > 0 for p in moe.experts.values()), "FP8 experts must pass gradients"
 
 
 def test_fp8_training_runs_and_lowers_the_loss(tmp_path):

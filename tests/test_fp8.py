@@ -170,6 +170,19 @@ def test_fp8_linear_gradients_are_the_three_fp8_gemms():
     close(dw, fp8_gemm(*act_quant(g2.t()), *act_quant(x_cached.t())))                  # Wgrad
 
 
+def test_fp8_backward_scales_with_the_loss_like_fp32():
+    """Gradients have no natural size (~1e-9..1e-4 here: loss / tokens), so their tiles must be scaled
+    by their own amax however small: a loss 2^-40 smaller gives exactly 2^-40 times every gradient.
+    (The inference kernels' floor, amax >= 1e-4, would flush these tiles to zero.)"""
+    f8 = Fp8Linear(200, 150)
+    x = torch.randn(37, 200, requires_grad=True)
+    g = torch.randn(37, 150)
+    full = torch.autograd.grad(f8(x), (x, f8.weight, f8.bias), g)
+    tiny = torch.autograd.grad(f8(x), (x, f8.weight, f8.bias), g * 2.0 ** -40)
+    for name, a, b in zip(("dx", "dW", "db"), full, tiny):
+        assert b.abs().max() > 0 and torch.equal(a * 2.0 ** -40, b), f"{name} is not 2^-40 times the full one"
+
+
 def test_non_divisible_shapes_equal_explicit_zero_padding():
     f8 = Fp8Linear(96, 200)
     big = Fp8Linear(128, 256)

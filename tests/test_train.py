@@ -148,7 +148,14 @@ def test_smoke_run_lowers_the_loss(tmp_path):
                 "mean_length_greedy", "tokens_per_second", "params_total", "params_active", "wall_seconds"]:
         assert key in summary
     assert summary["params_active"] < summary["params_total"]
+    assert summary["heldout_loss"] < rows[0]["ce"] - 1.0, "the held-out loss falls with the training loss"
     assert os.path.exists(os.path.join(cfg.train.out, "pretrain.png"))
+
+
+def test_heldout_loss_rows_are_unseen_and_the_same_for_every_seed(tmp_path):
+    worlds = [train.make_tokenizer_and_world(tiny_config(tmp_path, seed=s).train, 8)[2] for s in (0, 1)]
+    assert worlds[0].row(3, stream="heldout") == worlds[1].row(3, stream="heldout")
+    assert worlds[0].row(3, stream="heldout") not in [worlds[0].row(j) for j in range(200)]
 
 
 def test_resume_continues_exactly(tmp_path):
