@@ -6,6 +6,7 @@ One outlier makes amax large, s large, and pushes every ordinary value of its gr
 DeepSeek-V3 therefore scales small groups (§3.3.2) and uses E4M3 for every tensor:
 
     activations and gradients: 1×128 tiles along the contraction dim, s = max(amax, floor) / 448
+                               (floor 1e-4 for activations as in the official kernel, ~0 for gradients)
     weights:                   128×128 blocks
     UE8M0 scales (V3.1):       s rounded UP to a power of two, 2^ceil(log2 s), so amax/s <= 448
 
@@ -43,7 +44,7 @@ from torch import Tensor
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BLOCK = 128          # tile size of the official kernels, and N_C, the promotion interval
 AMAX_FLOOR = 1e-4    # an all-zero tile still gets a finite scale (official act_quant, for activations)
-GRAD_AMAX_FLOOR = 1e-30  # gradients are ~1e-9..1e-4 (loss / tokens): a 1e-4 floor would flush them to 0
+GRAD_AMAX_FLOOR = 1e-30  # gradients are ~1e-9..1e-4 (a mean over tokens): under 1e-4, 1e-9 keeps 2 levels
 
 
 # ----------------------------------------------------------------------------- quantization
