@@ -1,48 +1,57 @@
 """GRPO with rule-based rewards: R1-Zero in miniature (DeepSeekMath §4.1, DeepSeek-R1 §2.2).
 
 The idea: RL without a value network or a reward model. For each prompt q, sample a GROUP of G
-responses from the policy, score each with a rule, and let the group be its own baseline: a response is
-pushed up or down by how much better it did than its siblings.
+responses from the policy, score each with a rule, and let the group be its own baseline: a
+response is pushed up or down by how much better it did than its siblings.
 
-    A_i    = (r_i - mean(r)) / std(r)                    GRPO (advantage="std")
-    A_i    =  r_i - mean(r)                              Dr. GRPO (advantage="mean": no difficulty bias)
+    A_i    = (r_i - mean(r)) / std(r)       GRPO, DeepSeekMath eq. 3 (advantage="std",
+                                            population std)
+    A_i    =  r_i - mean(r)                 Dr. GRPO, Liu et al. 2025 (advantage="mean")
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     l_it   = min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it
-    KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1  (the k3 estimator: unbiased, always >= 0)
-    J      = mean_i (1/|o_i|) sum_t l_it                 GRPO (aggregation="seq")
-           = sum_it l_it / sum_i |o_i|                   DAPO (aggregation="token")
-           = sum_it l_it / (N L_max)                     Dr. GRPO (aggregation="constant")
+    KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1    (k3: >= 0; unbiased for samples
+                                                            drawn from the current policy)
+    J      = mean_i (1/|o_i|) sum_t l_it    GRPO (aggregation="seq")
+           = sum_it l_it / sum_i |o_i|      DAPO, Yu et al. 2025 (aggregation="token")
+           = sum_it l_it / (N L_max)        Dr. GRPO (aggregation="constant")
 
-pi_old sampled the batch; we take mu gradient steps on it, then sample again. With mu = 1 (default)
-rho == 1, the clip never acts and the gradient is REINFORCE with a group-mean baseline; the logged loss
-is ~0 (advantages average to 0), as expected. Clipping (and DAPO's clip-higher, eps_high > eps_low) acts
-when mu > 1, with pi_old's log-probs stored at sampling time.
+pi_old sampled the batch; we take mu gradient steps on it, then sample again. With mu = 1
+(default) rho == 1, the clip never acts and the gradient is REINFORCE with a group-mean baseline;
+the logged loss is ~0 (advantages average to 0), as expected. Clipping (and DAPO's clip-higher,
+eps_high > eps_low) acts when mu > 1, with pi_old's log-probs stored at sampling time.
 
-R1-Zero's template (R1 Table 1) states the task, nothing about HOW to answer. Ours is the bare prompt
-`<|bos|>{a}+{b}=`: a tiny model cannot read instructions. Rewards are rules, parsed, never executed:
-    accuracy  exactly one <answer>...</answer>, its text ASCII digits (at most 40) equal to the target
-    format    optionally ONE non-empty <think>...</think>, then exactly ONE non-empty <answer>...</answer>,
-              nothing else. Thinking is allowed, never required (that would hand the model the behaviour
-              RL must discover). `--reward format` rewards this alone: a control with no accuracy jump.
+R1-Zero's template (R1 Table 1) asks the model to reason inside <think>...</think> first, then
+answer inside <answer>...</answer>. A tiny model cannot read instructions: ours is the bare prompt
+`<|bos|>{a}+{b}=`, and whether to think is left to the model. Rewards are rules, parsed, never
+executed (train.parse_answer and train.well_formed: the one judge of the project):
+    accuracy  exactly one <answer>...</answer>, its text ASCII digits (at most 40), equal to
+              the target
+    format    optionally ONE non-empty <think>...</think>, then exactly ONE non-empty
+              <answer>...</answer>, nothing else. `--reward format` rewards this alone: a control
+              with no accuracy jump.
 
-The run. The pretrained model (train.py) can reason but rarely chooses to. Rewarded for right answers
-only, it discovers that thinking pays: reasoning rate, response length and accuracy climb together
-(R1 Figures 2-3 in miniature: out/grpo/grpo.png). Defaults, chosen for stability at this scale:
-16 prompts x G = 8, T = 1, mu = 1, advantage r - mean, token mean, beta = 0 (a KL penalty collapsed small
-runs; k3 is kept, tested and logged), 40 steps, AdamW lr 1e-4: a fresh AdamW moves every weight by ~lr
-per step (m/sqrt(v) ~ sign g), and 3e-4 already damaged the pretrained scratchpad skill. MTP modules are
-ignored (the loss uses the main head); MoE gate biases keep balancing once per optimizer step.
+The run. The pretrained model (train.py) can reason but rarely chooses to. Rewarded for right
+answers only, it discovers that thinking pays: reasoning rate, response length and accuracy climb
+together (out/grpo/grpo.png). Defaults, chosen for stability at this scale: 16 prompts x G = 8,
+T = 1, mu = 1, advantage r - mean (Dr. GRPO), token mean (DAPO), beta = 0 (a KL penalty collapsed
+small runs; k3 is kept, tested and logged), 40 steps, AdamW lr 1e-4: a fresh AdamW moves every
+weight by ~lr per step (m/sqrt(v) ~ sign g), and 3e-4 already damaged the pretrained scratchpad
+skill. MTP modules are ignored (the loss uses the main head); MoE gate biases keep balancing once
+per optimizer step.
 
     python grpo.py                      # RL from out/pretrain/ckpt.pt -> out/grpo/
     python grpo.py --reward format      # the format-only control -> out/grpo_format_control/
     python grpo.py --eval CKPT --json   # evaluate any checkpoint: greedy, T = 1, pass@k
+
+The file, in reading order: config; rule-based rewards; rollouts; the GRPO objective
+(group_advantages, k3_kl, grpo_loss); evaluation; the RL loop (grpo_step, rl_train); the run's
+files and rollout speed; command line.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -52,107 +61,109 @@ import torch
 import train
 
 AGGREGATIONS = ("seq", "token", "constant")
-STEP_LOG = ("reward", "accuracy", "think_rate", "length", "kl", "entropy", "zero_var_frac")   # printed each step
+# printed each step
+STEP_LOG = ("reward", "accuracy", "think_rate", "length", "kl", "entropy", "zero_var_frac")
 
 
 @dataclass
 class GRPOConfig:
-    steps: int = 40
+    steps: int = 40               # RL steps (one rollout batch each)
     n_prompts: int = 16           # prompts per rollout batch
     group_size: int = 8           # G responses per prompt
-    temperature: float = 1.0
-    lr: float = 1e-4
-    mu: int = 1                   # gradient steps per rollout batch (1: rho == 1, REINFORCE + baseline)
-    eps_low: float = 0.2
-    eps_high: float = 0.2         # DAPO's clip-higher: 0.28
+    temperature: float = 1.0      # sampling temperature of the rollouts
+    lr: float = 1e-4              # AdamW learning rate
+    mu: int = 1                   # gradient steps per rollout batch (1: rho == 1, REINFORCE)
+    eps_low: float = 0.2          # clip range below 1
+    eps_high: float = 0.2         # clip range above 1 (DAPO's clip-higher: 0.28)
     beta: float = 0.0             # KL-to-reference coefficient (k3 estimator)
-    advantage: str = "mean"       # "mean": r - mean (Dr. GRPO) | "std": (r - mean) / std (GRPO)
+    advantage: str = "mean"       # "mean": r - mean (Dr. GRPO) | "std": / std (GRPO)
     aggregation: str = "token"    # "seq" (GRPO) | "token" (DAPO) | "constant" (Dr. GRPO)
-    skip_zero_var: bool = False   # drop groups whose rewards are all equal (they carry no signal)
-    reward: str = "accuracy"      # "accuracy" (+ format_weight x format) | "format" (the control)
-    format_weight: float = 0.0    # 0: the base's answers are already well-formed (format rate 1.0)
+    skip_zero_var: bool = False   # drop groups whose rewards are all equal (no signal)
+    reward: str = "accuracy"      # "accuracy" (+ format_weight x format) | "format" (control)
+    format_weight: float = 0.0    # 0: the base's answers are already well-formed
     n: int = 200                  # evaluation problems
     pass_k: int = 4               # T = 1 samples per evaluation problem (pass@1 and pass@k)
-    eval_interval: int = 10
-    bench_prompts: int = 4        # prompts (x G) in the cached-vs-uncached rollout benchmark; 0 = skip
+    eval_interval: int = 10       # evaluate and save every this many steps
+    bench_prompts: int = 4        # prompts (x G) of the rollout-speed benchmark; 0 = skip
     split: str = "heldout"        # --eval split: "heldout" | "harder"
     eval: str = ""                # --eval CKPT: evaluate a checkpoint and exit
-    json: bool = False
-    init: str = "out/pretrain/ckpt.pt"
-    out: str = "out/grpo"
-    device: str = "auto"
-    threads: int = 1              # CPU threads; 1 is fastest for these tiny matmuls on a shared CPU
-    seed: int = 0
+    json: bool = False            # print the result as one JSON line
+    init: str = "out/pretrain/ckpt.pt"  # the pretrained checkpoint RL starts from
+    out: str = "out/grpo"         # output folder: ckpt.pt, metrics.jsonl, summary.json, grpo.png
+    device: str = "auto"          # auto | cpu | cuda | mps
+    threads: int = 1              # CPU threads; 1 is fastest for these tiny matmuls
+    seed: int = 0                 # seeds the rollouts and the training prompts
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for a knob that cannot work."""
-        for ok, msg in [
-                (min(self.steps, self.n_prompts, self.mu, self.n, self.pass_k) >= 1,
-                 "steps, n_prompts, mu, n and pass_k must be >= 1"),
-                (self.group_size >= 2, "group_size must be >= 2: a group of one has no baseline"),
-                (min(self.temperature, self.lr) > 0 and self.beta >= 0, "need temperature, lr > 0 and beta >= 0"),
-                (0 <= self.eps_low < 1 and self.eps_high >= 0, "need 0 <= eps_low < 1 and eps_high >= 0"),
-                (self.advantage in ("mean", "std"), "advantage must be 'mean' or 'std'"),
-                (self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}"),
-                (self.reward in ("accuracy", "format"), "reward must be 'accuracy' or 'format'"),
-                (self.split in ("heldout", "harder"), "split must be 'heldout' or 'harder'")]:
+        checks = [
+            (min(self.steps, self.n_prompts, self.mu, self.n, self.pass_k) >= 1,
+             "steps, n_prompts, mu, n and pass_k must be >= 1"),
+            (self.group_size >= 2, "group_size must be >= 2: a group of one has no baseline"),
+            (min(self.temperature, self.lr) > 0 and self.beta >= 0,
+             "need temperature, lr > 0 and beta >= 0"),
+            (0 <= self.eps_low < 1 and self.eps_high >= 0,
+             "need 0 <= eps_low < 1 and eps_high >= 0"),
+            (self.advantage in ("mean", "std"), "advantage must be 'mean' or 'std'"),
+            (self.aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}"),
+            (self.reward in ("accuracy", "format"), "reward must be 'accuracy' or 'format'"),
+            (self.split in ("heldout", "harder"), "split must be 'heldout' or 'harder'")]
+        for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GRPOConfig: {msg}")
 
 
-# ----------------------------------------------------------------------------- rule-based rewards
-
-MAX_ANSWER_DIGITS = 40
-_BODY = r"[^<>]+"   # a block's text: non-empty, no tag characters (a stray or nested tag breaks it)
-WELL_FORMED = re.compile(rf"(?:<think>{_BODY}</think>)?<answer>{_BODY}</answer>(?:<\|eos\|>)?")
-ANSWER_BLOCK = re.compile(r"<answer>([^<>]*)</answer>")
+# ---- rule-based rewards
 
 
 def format_reward(completion: str) -> float:
-    """1.0 if completion is [<think>text</think>]<answer>text</answer>[<|eos|>] exactly, else 0.0."""
-    return 1.0 if WELL_FORMED.fullmatch(completion) else 0.0
+    """1.0 if completion is [<think>text</think>]<answer>text</answer>[<|eos|>], else 0.0."""
+    return float(train.well_formed(completion))
 
 
 def accuracy_reward(completion: str, target: int) -> float:
-    """1.0 if completion holds exactly one answer block whose text is ASCII digits (1..40 of them, leading
-    zeros allowed: the world writes answers zero-padded) equal to target, else 0.0. Compared as strings:
-    model text is never int()-ed or evaluated."""
-    one = completion.count("<answer>") == completion.count("</answer>") == 1
-    s = m.group(1) if one and (m := ANSWER_BLOCK.search(completion)) else ""
-    ok = 0 < len(s) <= MAX_ANSWER_DIGITS and s.isascii() and s.isdigit()
-    return float(ok and (s.lstrip("0") or "0") == str(target))
+    """1.0 if train.parse_answer finds the one answer block and it equals target, else 0.0."""
+    answer = train.parse_answer(completion)
+    return float(answer is not None and bool(answer == target))
 
 
-def reward(completion: str, target: int, kind: str = "accuracy", format_weight: float = 0.0) -> float:
+def reward(completion: str, target: int, kind: str = "accuracy", format_weight: float = 0.0
+           ) -> float:
     """The training reward: accuracy (+ format_weight x format), or format alone (the control)."""
     if not isinstance(completion, str):
-        raise ValueError(f"a completion must be a str, got {type(completion).__name__}: decode the ids first")
+        raise ValueError(f"a completion must be a str, got {type(completion).__name__}: "
+                         f"decode the ids first")
     if kind == "format":
         return format_reward(completion)
     return accuracy_reward(completion, target) + format_weight * format_reward(completion)
 
 
-def thinks(completion: str) -> bool:       # the reasoning rate counts responses that open with a think
+def thinks(completion: str) -> bool:
+    """The reasoning rate counts responses that open with a think block."""
     return completion.startswith("<think>")
 
 
-def mean_of(fn, *columns) -> float:       # e.g. mean_of(accuracy_reward, texts, targets)
+def mean_of(fn, *columns) -> float:
+    """The mean of fn over rows of columns, e.g. mean_of(accuracy_reward, texts, targets)."""
     return sum(float(fn(*row)) for row in zip(*columns)) / len(columns[0])
 
 
-# ----------------------------------------------------------------------------- rollouts
+# ---- rollouts
 
 
 def template(problems: list[tuple[int, int]], width: int) -> list[str]:
-    """The R1-Zero template in miniature: the bare task, `<|bos|>{a}+{b}=` written at `width` digits."""
+    """The prompt: the bare task, `<|bos|>{a}+{b}=` written at `width` digits."""
     return [train.render(a, b, False, width)[0] for a, b in problems]
 
 
-def training_problems(rng: random.Random, k: int, width: int, excluded: set) -> list[tuple[int, int]]:
+def training_problems(rng: random.Random, k: int, width: int, excluded: set
+                      ) -> list[tuple[int, int]]:
     """k problems from the training distribution (1..width digits), held-out problems excluded."""
     problems = []
     while len(problems) < k:
-        problems += [p for p in [train.sample_problem(rng, 1, width)] if p not in excluded]
+        p = train.sample_problem(rng, 1, width)
+        if p not in excluded:
+            problems.append(p)
     return problems
 
 
@@ -167,33 +178,44 @@ class Rollout:
     seconds: float                # time spent generating
 
 
-def rollout(model: train.Transformer, enc, prompts: list[str], targets: list[int], G: int, temperature: float,
-            max_new_tokens: int, reward_fn=accuracy_reward, generator=None, use_cache: bool = True) -> Rollout:
-    """Sample G responses per prompt with the model's cached generate (eval mode: no dropout exists, MoE
-    loads not counted), score them, lay them out right-padded. Args: prompts [P], targets [P], reward_fn(text,
-    target). Returns N = P*G rows; row i answers prompt group_ids[i] = i // G, whatever generate's batching."""
+def rollout(model: train.Transformer, enc, prompts: list[str], targets: list[int], G: int,
+            temperature: float, max_new_tokens: int, reward_fn=accuracy_reward, generator=None,
+            use_cache: bool = True) -> Rollout:
+    """Sample G responses per prompt with the model's cached generate (eval mode: MoE loads not
+    counted), score them with reward_fn(text, target), lay them out right-padded. Args: prompts
+    [P], targets [P]. Returns N = P*G rows; row i answers prompt group_ids[i] = i // G."""
+    # 1. generate, in eval mode, timing only the sampling
     rows = [train.encode(enc, p) for p in prompts for _ in range(G)]
-    was_training, t0 = model.training, time.perf_counter()
-    responses = train.generate_ids(model.eval(), rows, max_new_tokens, temperature, generator, use_cache=use_cache)
+    was_training = model.training
+    t0 = time.perf_counter()
+    responses = train.generate_ids(model.eval(), rows, max_new_tokens, temperature, generator,
+                                   use_cache=use_cache)
     seconds = time.perf_counter() - t0
     model.train(was_training)
+    # 2. right-padded prompt + response, and the mask of the positions predicting the response
     T = max(len(p) + len(r) for p, r in zip(rows, responses))
-    tokens, mask = torch.full((len(rows), T), model.args.pad_id, dtype=torch.long), torch.zeros(len(rows), T - 1)
+    tokens = torch.full((len(rows), T), model.args.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T - 1)
     for i, (p, r) in enumerate(zip(rows, responses)):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0      # the positions that predict response tokens
-    texts, row_targets = [enc.decode(r) for r in responses], [y for y in targets for _ in range(G)]
-    rewards, group_ids = [reward_fn(t, y) for t, y in zip(texts, row_targets)], torch.arange(len(prompts))
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+    # 3. score the decoded texts
+    texts = [enc.decode(r) for r in responses]
+    row_targets = [y for y in targets for _ in range(G)]
+    rewards = [reward_fn(t, y) for t, y in zip(texts, row_targets)]
     dev = next(model.parameters()).device
-    return Rollout(tokens.to(dev), mask.to(dev), group_ids.repeat_interleave(G).to(dev), torch.tensor(rewards,
-                   device=dev), texts, row_targets, seconds)
+    group_ids = torch.arange(len(prompts)).repeat_interleave(G)
+    return Rollout(tokens.to(dev), mask.to(dev), group_ids.to(dev),
+                   torch.tensor(rewards, device=dev), texts, row_targets, seconds)
 
 
-def token_logprobs(model: train.Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(token t+1 | tokens <= t) under the main head (MTP modules ignored), and the entropy of
-    that distribution (no grad). Args: tokens [N, T]. Returns logp [N, T-1], entropy [N, T-1]."""
-    logp_all = model.logits(model.forward_hidden(tokens[:, :-1], mode="naive")).float().log_softmax(-1)  # [N,T-1,V]
-    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)                          # [N, T-1]
+def token_logprobs(model: train.Transformer, tokens: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token t+1 | tokens <= t) under the main head (MTP modules ignored), and the entropy
+    of that distribution (no grad). Args: tokens [N, T]. Returns logp [N, T-1], entropy [N, T-1]."""
+    h = model.forward_hidden(tokens[:, :-1], mode="naive")
+    logp_all = model.logits(h).float().log_softmax(-1)                      # [N, T-1, V]
+    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)             # [N, T-1]
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
@@ -206,59 +228,77 @@ def frozen_logprobs(frozen: train.Transformer, tokens: torch.Tensor) -> torch.Te
 
 
 def frozen_copy(model: train.Transformer) -> train.Transformer:
-    """A frozen copy (state_dict, not deepcopy: a module may hold a graph tensor, e.g. MoE.aux_loss)."""
+    """A frozen copy (state_dict, not deepcopy: a module may hold a graph tensor, e.g. the MoE's
+    aux_loss)."""
     ref = train.Transformer(model.args).to(next(model.parameters()).device)
     ref.load_state_dict(model.state_dict())
     return ref.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------- the GRPO objective
+# ---- the GRPO objective
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str = "mean"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_i = r_i - mean_g (scale="mean", Dr. GRPO) or (r_i - mean_g) / std_g (scale="std", GRPO), with
-    mean_g and the population std_g over row i's group g; exactly 0 in a group of equal rewards.
-    Args: rewards [N], group_ids [N] in 0..n_groups-1. Returns A [N], zero_var [n_groups] bool."""
-    ### BEGIN SOLUTION: group-relative advantages, r - mean or (r - mean) / std per group (DeepSeekMath §4.1.2)
-    r, n = rewards.double(), int(group_ids.max()) + 1
-    total = lambda x: torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, group_ids, x)  # noqa: E731
-    count = total(torch.ones_like(r))
-    mean = total(r) / count                                                                   # [n_groups]
-    std = (total((r - mean[group_ids]) ** 2) / count).sqrt()
+    """A_i = r_i - mean_g (scale="mean", Dr. GRPO) or (r_i - mean_g) / std_g (scale="std", GRPO),
+    with mean_g and the population std_g over row i's group g; exactly 0 in a group of equal
+    rewards. Args: rewards [N], group_ids [N] in 0..n_groups-1.
+    Returns A [N], zero_var [n_groups] (bool)."""
+    ### BEGIN SOLUTION: group-relative advantages, r - mean or / std (DeepSeekMath §4.1.2)
+    r = rewards.double()
+    n = int(group_ids.max()) + 1
+
+    def per_group_sum(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, group_ids, x)
+
+    count = per_group_sum(torch.ones_like(r))
+    mean = per_group_sum(r) / count                                          # [n_groups]
+    std = (per_group_sum((r - mean[group_ids]) ** 2) / count).sqrt()
     zero_var = std < 1e-8
-    A = (r - mean[group_ids]) / (std[group_ids].clamp_min(1e-8) if scale == "std" else 1.0)
+    A = r - mean[group_ids]
+    if scale == "std":
+        A = A / std[group_ids].clamp_min(1e-8)
     return torch.where(zero_var[group_ids], 0.0, A).to(rewards.dtype), zero_var
     ### END SOLUTION
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta: x - log x - 1 with
-    x = pi_ref/pi_theta (Schulman 2020; DeepSeekMath eq. 4). >= 0 always, 0 iff equal. Args [N, T]."""
+    """Per-token estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta: x - log x - 1
+    with x = pi_ref/pi_theta (Schulman 2020; DeepSeekMath eq. 4). >= 0 always, 0 iff equal;
+    unbiased only for samples from the current policy. Args [N, T]."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
-              ref_logp: torch.Tensor | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
-              beta: float = 0.0, aggregation: str = "token", max_len: int | None = None
-              ) -> tuple[torch.Tensor, dict]:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """The mean of x over the positions where mask is 1."""
+    return ((x * mask).sum() / mask.sum().clamp_min(1)).item()
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, ref_logp: torch.Tensor | None = None, eps_low: float = 0.2,
+              eps_high: float = 0.2, beta: float = 0.0, aggregation: str = "token",
+              max_len: int | None = None) -> tuple[torch.Tensor, dict]:
     """-J, the clipped GRPO objective negated for minimisation (formulas in the module docstring).
 
-    Args: logp [N, T] log pi_theta of the sampled tokens (with grad); old_logp [N, T] log pi_old, or None
-    for pi_old = pi_theta (mu = 1); advantages [N]; mask [N, T] 1 on response tokens; ref_logp [N, T]
-    log pi_ref (required if beta > 0; if given, its KL is also reported); aggregation "seq" | "token" |
-    "constant" (sum / (N * max_len), max_len default T). Returns (loss, {clip_frac, kl, ratio_mean})."""
+    Args: logp [N, T] log pi_theta of the sampled tokens (with grad); old_logp [N, T] log pi_old,
+    or None for pi_old = pi_theta (mu = 1); advantages [N]; mask [N, T] 1 on response tokens;
+    ref_logp [N, T] log pi_ref (required if beta > 0; if given, its KL is also reported);
+    aggregation "seq" | "token" | "constant" (sum / (N * max_len), max_len default T).
+    Returns (loss, {clip_frac, kl, ratio_mean})."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (log-probs of the frozen reference policy)")
-    ### BEGIN SOLUTION: the clipped GRPO objective, k3 KL penalty and aggregation, negated (DeepSeekMath §4.1.1)
-    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))           # [N, T]
+    ### BEGIN SOLUTION: the clipped objective, k3 penalty, aggregation (DeepSeekMath §4.1.1)
+    # 1. the ratio to pi_old (identically 1, with the gradient of logp, when mu = 1)
+    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))     # [N, T]
     A = advantages[:, None]
+    # 2. the clipped surrogate minus the KL penalty, per response token
     surrogate = torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    per_token = -(surrogate - beta * kl) * mask                                            # [N, T]
+    per_token = -(surrogate - beta * kl) * mask                                      # [N, T]
+    # 3. aggregate over tokens and sequences
     if aggregation == "seq":
         loss = (per_token.sum(1) / mask.sum(1).clamp_min(1)).mean()
     elif aggregation == "token":
@@ -267,151 +307,178 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: tor
         loss = per_token.sum() / (mask.shape[0] * (max_len or mask.shape[1]))
     with torch.no_grad():
         clipped = ((A > 0) & (ratio > 1 + eps_high)) | ((A < 0) & (ratio < 1 - eps_low))
-        tok_mean = lambda x: ((x * mask).sum() / mask.sum().clamp_min(1)).item()      # noqa: E731
-        stats = {"clip_frac": tok_mean(clipped), "kl": tok_mean(kl), "ratio_mean": tok_mean(ratio)}
+        stats = {"clip_frac": masked_mean(clipped, mask), "kl": masked_mean(kl, mask),
+                 "ratio_mean": masked_mean(ratio, mask)}
     return loss, stats
     ### END SOLUTION
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ---- evaluation
 
 
-@torch.no_grad()
-def evaluate_policy(model: train.Transformer, enc, problems: list[tuple[int, int]], width: int, k: int = 4,
-                    seed: int = 0) -> dict:
-    """Greedy: accuracy, think_rate, format_rate, mean_length (tokens); k samples at T = 1 per problem:
-    accuracy_t1 (pass@1, mean over samples), think_rate_t1, ..., pass_at_k. width: the world's digits."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    prompts, targets, out = template(problems, width), [a + b for a, b in problems], {}
-    for tag, G, temperature in (("", 1, 0.0), ("_t1", k, 1.0)):
-        ro = rollout(model, enc, prompts, targets, G, temperature, train.max_response_tokens(width), generator=g)
-        out.update({"accuracy" + tag: ro.rewards.mean().item(), "think_rate" + tag: mean_of(thinks, ro.texts),
-                    "format_rate" + tag: mean_of(format_reward, ro.texts),
-                    "mean_length" + tag: ro.mask.sum(1).mean().item()})
-    return {**out, "pass_at_k": ro.rewards.view(len(problems), k).amax(1).mean().item(), "k": k, "n": len(problems)}
+def evaluate_policy(model: train.Transformer, enc, problems: list[tuple[int, int]], width: int,
+                    k: int = 4, seed: int = 0) -> dict:
+    """train.evaluate's greedy (own choice) and T = 1 modes, under RL's names: accuracy,
+    think_rate, format_rate, mean_length (greedy), the same with _t1 (k samples per problem at
+    T = 1; accuracy_t1 is pass@1), pass_at_k, k, n."""
+    ev = train.evaluate(model, enc, problems, width, modes=("greedy", "t1"), k=k, seed=seed)
+    return {key.replace("_greedy", ""): v for key, v in ev.items()}
 
 
 def evaluate_checkpoint(path: str, n: int = 200, split: str = "heldout", k: int = 4, seed: int = 0,
                         device: str = "cpu") -> dict:
     """Load any checkpoint of this project and evaluate_policy it on train.eval_split(split, n)."""
     model, enc, cfg, _ = train.load_checkpoint(path, device)
-    problems, width = train.eval_split(split, n, cfg.train.max_digits), cfg.train.max_digits + (split == "harder")
+    problems = train.eval_split(split, n, cfg.train.max_digits)
+    width = cfg.train.max_digits + (split == "harder")
     return {"split": split, **evaluate_policy(model, enc, problems, width, k, seed)}
 
 
-def rollout_speed(model: train.Transformer, enc, prompts: list[str], targets: list[int], G: int,
-                  max_new_tokens: int, seed: int = 0, repeats: int = 3) -> dict:
-    """Rollout tokens/s with the MLA latent cache (absorbed decode) vs recomputing the whole sequence at
-    every new token, on the same rollout batch and seed: median of `repeats` after one warm-up."""
-    out, device = {}, next(model.parameters()).device
-    for name, use_cache in (("cached", True), ("uncached", False)):
-        runs = [rollout(model, enc, prompts, targets, G, 1.0, max_new_tokens, generator=torch.Generator(
-            device=device).manual_seed(seed), use_cache=use_cache) for _ in range(repeats + 1)][1:]
-        out[f"rollout_tokens_per_s_{name}"] = sorted(ro.mask.sum().item() / ro.seconds for ro in runs)[repeats // 2]
-    out["rollout_cache_speedup"] = out["rollout_tokens_per_s_cached"] / out["rollout_tokens_per_s_uncached"]
-    return out
+# ---- the RL loop
 
 
-# ----------------------------------------------------------------------------- the RL loop
-
-
-def grpo_step(model: train.Transformer, opt: torch.optim.Optimizer, ref: train.Transformer, ro: Rollout,
-              cfg: GRPOConfig, max_len: int) -> dict:
-    """One GRPO update on one rollout batch: group advantages, zero-variance groups counted (and dropped
-    if cfg.skip_zero_var), pi_old stored if mu > 1, then mu optimizer steps. Returns the step's stats."""
+def grpo_step(model: train.Transformer, opt: torch.optim.Optimizer, ref: train.Transformer,
+              ro: Rollout, cfg: GRPOConfig, max_len: int) -> dict:
+    """One GRPO update on one rollout batch: group advantages, zero-variance groups counted (and
+    dropped if cfg.skip_zero_var), pi_old stored if mu > 1, then mu optimizer steps."""
+    # 1. advantages; the rows that carry signal
     A, zero_var = group_advantages(ro.rewards, ro.group_ids, cfg.advantage)
-    keep = ~zero_var[ro.group_ids] if cfg.skip_zero_var else torch.ones_like(A, dtype=torch.bool)
-    tokens, mask, A = ro.tokens[keep], ro.mask[keep], A[keep]
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 1.0, "entropy": 0.0}   # if nothing kept
-    old_logp = frozen_logprobs(frozen_copy(model), tokens) if cfg.mu > 1 and keep.any() else None   # pi_old
-    ref_logp = frozen_logprobs(ref, tokens) if keep.any() else None
-    for _ in range(cfg.mu if keep.any() else 0):
+    keep = torch.ones_like(A, dtype=torch.bool)
+    if cfg.skip_zero_var:
+        keep = ~zero_var[ro.group_ids]
+    tokens = ro.tokens[keep]
+    mask = ro.mask[keep]
+    A = A[keep]
+    # what is reported if nothing is kept
+    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 1.0, "entropy": 0.0}
+    if not keep.any():
+        return {**stats, "zero_var_frac": zero_var.float().mean().item()}
+    # 2. pi_old (only needed when mu > 1) and pi_ref, both frozen
+    old_logp = frozen_logprobs(frozen_copy(model), tokens) if cfg.mu > 1 else None
+    ref_logp = frozen_logprobs(ref, tokens)
+    # 3. mu optimizer steps on this batch
+    for _ in range(cfg.mu):
         logp, entropy = token_logprobs(model, tokens)
-        loss, st = grpo_loss(logp, old_logp, A, mask, ref_logp, cfg.eps_low, cfg.eps_high, cfg.beta,
-                             cfg.aggregation, max_len)
+        loss, st = grpo_loss(logp, old_logp, A, mask, ref_logp, cfg.eps_low, cfg.eps_high,
+                             cfg.beta, cfg.aggregation, max_len)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        train.update_gate_biases(model)       # once per optimizer step, as in pretraining
-        stats = {**st, "loss": loss.item(), "entropy": ((entropy * mask).sum() / mask.sum()).item()}
+        # once per optimizer step, as in pretraining
+        train.update_gate_biases(model)
+        stats = {**st, "loss": loss.item(), "entropy": masked_mean(entropy, mask)}
     return {**stats, "zero_var_frac": zero_var.float().mean().item()}
 
 
-def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None, base_cfg: train.Config,
-             reward_fn=None, verbose: bool = True) -> dict:
-    """GRPO on model, in place; writes metrics.jsonl, ckpt.pt (train.py's format), grpo.png, summary.json to
-    out_dir (None: nothing). Returns the summary. base_cfg: the pretraining Config (the world's width; saved
-    in the checkpoints). reward_fn(text, target) -> float overrides cfg.reward / cfg.format_weight."""
+def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None,
+             base_cfg: train.Config, reward_fn=None, verbose: bool = True) -> dict:
+    """GRPO on model, in place. Writes metrics.jsonl and ckpt.pt (train.py's format) to out_dir as
+    it goes (None: nothing); write_outputs adds summary.json and grpo.png. Returns the summary.
+    base_cfg: the pretraining Config (the world's width; saved in the checkpoints).
+    reward_fn(text, target) -> float overrides cfg.reward / cfg.format_weight."""
     cfg.validate()
-    say = print if verbose else (lambda *a: None)
     torch.manual_seed(cfg.seed)
-    width, device = base_cfg.train.max_digits, next(model.parameters()).device
-    reward_fn = reward_fn or (lambda text, y: reward(text, y, cfg.reward, cfg.format_weight))
-    n_new, heldout = train.max_response_tokens(width), train.eval_split("heldout", cfg.n, width)
-    excluded = set(train.eval_split("heldout", max(cfg.n, base_cfg.train.eval_n), width))   # never trained on
-    rng, gen = random.Random(f"grpo-{cfg.seed}"), torch.Generator(device=device).manual_seed(cfg.seed)
-    ref = frozen_copy(model)                                # pi_ref: for the KL penalty and the KL metric
+    width = base_cfg.train.max_digits
+    device = next(model.parameters()).device
+    n_new = train.max_response_tokens(width)
+    heldout = train.eval_split("heldout", cfg.n, width)
+    # never trained on: every problem any evaluation of this world uses
+    excluded = set(train.eval_split("heldout", max(cfg.n, base_cfg.train.eval_n), width))
+    rng = random.Random(f"grpo-{cfg.seed}")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # pi_ref: for the KL penalty and the KL metric
+    ref = frozen_copy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     metrics = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-    log = lambda row: metrics and train.append_jsonl(metrics, row)         # noqa: E731
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         open(metrics, "w").close()
 
+    def say(msg: str) -> None:
+        if verbose:
+            print(msg, flush=True)
+
+    def log_row(row: dict) -> None:
+        if metrics:
+            train.append_jsonl(metrics, row)
+
+    def score(text: str, target: int) -> float:
+        if reward_fn is not None:
+            return reward_fn(text, target)
+        return reward(text, target, cfg.reward, cfg.format_weight)
+
     def held_out_eval(step: int, k: int) -> dict:
         ev = evaluate_policy(model, enc, heldout, width, k, cfg.seed)
-        log({"step": step, **{"heldout_" + key: v for key, v in ev.items()}})
+        log_row({"step": step, **{"heldout_" + key: v for key, v in ev.items()}})
         say(f"eval @ {step}: held-out " + " | ".join(f"{k} {ev[k]:.3f}" for k in list(ev)[:4]))
         return ev
 
-    def sample_batch(k: int) -> tuple[list[str], list[int]]:
-        problems = training_problems(rng, k, width, excluded)
-        return template(problems, width), [a + b for a, b in problems]
-
     t_start = time.time()
-    before = after = held_out_eval(0, cfg.pass_k)
+    before = held_out_eval(0, cfg.pass_k)
+    after = before
     model.train()
     for step in range(1, cfg.steps + 1):
-        ro = rollout(model, enc, *sample_batch(cfg.n_prompts), cfg.group_size, cfg.temperature, n_new, reward_fn, gen)
+        # 1. a rollout batch on fresh training problems, scored by the rule
+        problems = training_problems(rng, cfg.n_prompts, width, excluded)
+        prompts = template(problems, width)
+        targets = [a + b for a, b in problems]
+        ro = rollout(model, enc, prompts, targets, cfg.group_size, cfg.temperature, n_new, score,
+                     gen)
+        # 2. one GRPO update on it
         stats = grpo_step(model, opt, ref, ro, cfg, n_new)
+        # 3. log what the rollouts did
         lengths = ro.mask.sum(1)
-        row = {"step": step, "reward": ro.rewards.mean().item(), "accuracy": mean_of(accuracy_reward, ro.texts,
-               ro.targets), "format_rate": mean_of(format_reward, ro.texts), "think_rate": mean_of(thinks, ro.texts),
-               "length": lengths.mean().item(), **stats,
-               "rollout_tokens_per_s": lengths.sum().item() / ro.seconds, "elapsed_s": time.time() - t_start}
-        log(row)
-        say(f"step {step:3d}/{cfg.steps} | " + " | ".join(f"{k} {row[k]:.3g}" for k in STEP_LOG) +
-            f" | {row['rollout_tokens_per_s']:,.0f} rollout tok/s | {row['elapsed_s']:.0f}s")
+        row = {"step": step, "reward": ro.rewards.mean().item(),
+               "accuracy": mean_of(accuracy_reward, ro.texts, ro.targets),
+               "format_rate": mean_of(format_reward, ro.texts),
+               "think_rate": mean_of(thinks, ro.texts), "length": lengths.mean().item(), **stats,
+               "rollout_tokens_per_s": lengths.sum().item() / ro.seconds,
+               "elapsed_s": time.time() - t_start}
+        log_row(row)
+        say(f"step {step:3d}/{cfg.steps} | " + " | ".join(f"{k} {row[k]:.3g}" for k in STEP_LOG)
+            + f" | {row['rollout_tokens_per_s']:,.0f} rollout tok/s | {row['elapsed_s']:.0f}s")
+        # 4. evaluate and save now and then (pass@k only at the end)
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             after = held_out_eval(step, cfg.pass_k if step == cfg.steps else 1)
             if out_dir:
-                train.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), model, opt, step, base_cfg, enc)
-    summary = {f"{key.replace('mean_', '')}_{when}": ev[key] for when, ev in (("before", before), ("after", after))
-               for key in ("accuracy", "accuracy_t1", "pass_at_k", "think_rate", "mean_length")}
-    summary.update(steps=cfg.steps, wall_seconds=time.time() - t_start, n=cfg.n, pass_k=cfg.pass_k,
-                   **{k: getattr(cfg, k) for k in ("reward", "advantage", "aggregation", "lr", "beta", "mu", "seed")})
-    if cfg.bench_prompts:
-        summary.update(rollout_speed(model, enc, *sample_batch(cfg.bench_prompts), cfg.group_size, n_new, cfg.seed))
-    if out_dir:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        plot_run(metrics, out_dir)
+                ckpt = os.path.join(out_dir, "ckpt.pt")
+                train.save_checkpoint(ckpt, model, opt, step, base_cfg, enc)
+    summary = {}
+    for when, ev in (("before", before), ("after", after)):
+        for key in ("accuracy", "accuracy_t1", "pass_at_k", "think_rate", "mean_length"):
+            summary[f"{key.replace('mean_', '')}_{when}"] = ev[key]
+    summary.update(steps=cfg.steps, wall_seconds=time.time() - t_start, n=cfg.n, pass_k=cfg.pass_k)
+    for key in ("reward", "advantage", "aggregation", "lr", "beta", "mu", "seed"):
+        summary[key] = getattr(cfg, key)
     return summary
 
 
+# ---- the run's files and rollout speed
+
+
+def write_outputs(summary: dict, out_dir: str) -> None:
+    """summary.json and grpo.png beside rl_train's metrics.jsonl."""
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_run(os.path.join(out_dir, "metrics.jsonl"), out_dir)
+
+
 def plot_run(metrics_path: str, out_dir: str) -> None:
-    """grpo.png: accuracy/reward and mean response length vs RL step (R1 Figures 2-3 in miniature).
-    A bare Figure, not pyplot: saving a file must not switch a notebook's backend."""
+    """grpo.png: accuracy/reward and mean response length vs RL step (R1 Figures 2-3 in
+    miniature). A bare Figure, not pyplot: saving must not switch a notebook's backend."""
     from matplotlib.figure import Figure
     rows = [json.loads(line) for line in open(metrics_path)]
     fig = Figure(figsize=(11, 3.8))
     axes = fig.subplots(1, 2)
-    for ax, keys, title in ((axes[0], ("reward", "accuracy", "think_rate", "heldout_accuracy"), "accuracy and reward"),
-                            (axes[1], ("length", "heldout_mean_length"), "mean response length (tokens)")):
-        for key in keys:             # training rollouts (T = 1) every step; held-out (greedy) every eval
-            ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), "o-" if "heldout" in key else "-",
-                    label=key)
+    panels = [(axes[0], ("reward", "accuracy", "think_rate", "heldout_accuracy"),
+               "accuracy and reward"),
+              (axes[1], ("length", "heldout_mean_length"), "mean response length (tokens)")]
+    for ax, keys, title in panels:
+        # training rollouts (T = 1) every step; held-out (greedy) every evaluation
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*points), "o-" if "heldout" in key else "-", label=key)
         ax.set(xlabel="RL step", title=title)
         ax.legend(fontsize=8)
     axes[0].set_ylim(-0.02, 1.02)
@@ -419,14 +486,38 @@ def plot_run(metrics_path: str, out_dir: str) -> None:
     fig.savefig(os.path.join(out_dir, "grpo.png"), dpi=110)
 
 
-# ----------------------------------------------------------------------------- command line
+def rollout_speed(model: train.Transformer, enc, prompts: list[str], targets: list[int], G: int,
+                  max_new_tokens: int, seed: int = 0, repeats: int = 3) -> dict:
+    """Rollout tokens/s with the MLA latent cache (absorbed decode) vs recomputing the whole
+    sequence at every new token, on the same rollout batch and seed (train.interleaved_median)."""
+    device = next(model.parameters()).device
+    n_tokens = {}
+
+    def timed(use_cache: bool):
+        def run_once():
+            g = torch.Generator(device=device).manual_seed(seed)
+            ro = rollout(model, enc, prompts, targets, G, 1.0, max_new_tokens, generator=g,
+                         use_cache=use_cache)
+            n_tokens[use_cache] = ro.mask.sum().item()
+        return run_once
+
+    med = train.interleaved_median({"cached": timed(True), "uncached": timed(False)}, repeats)
+    out = {"rollout_tokens_per_s_cached": n_tokens[True] / med["cached"],
+           "rollout_tokens_per_s_uncached": n_tokens[False] / med["uncached"]}
+    out["rollout_cache_speedup"] = (out["rollout_tokens_per_s_cached"]
+                                    / out["rollout_tokens_per_s_uncached"])
+    return out
+
+
+# ---- command line
 
 
 def parse_config(argv: list[str] | None = None) -> GRPOConfig:
-    """GRPOConfig from flags generated from its fields (train.add_flags): --group-size 8, --eval CKPT, ..."""
+    """GRPOConfig from flags generated from its fields (train.add_flags): --group-size 8, ..."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = train.config_from_flags(GRPOConfig(), argv, __doc__)
-    if cfg.reward == "format" and not any(a == "--out" or a.startswith("--out=") for a in argv):
+    out_given = any(a == "--out" or a.startswith("--out=") for a in argv)
+    if cfg.reward == "format" and not out_given:
         cfg.out = "out/grpo_format_control"
     return cfg
 
@@ -437,14 +528,30 @@ def main(argv: list[str] | None = None) -> None:
     device = train.pick_device(cfg.device)
     if cfg.eval:
         res = evaluate_checkpoint(cfg.eval, cfg.n, cfg.split, cfg.pass_k, cfg.seed, device)
-        print(json.dumps(res) if cfg.json else "\n".join(f"{k:>16}  {v}" for k, v in res.items()))
+        if cfg.json:
+            print(json.dumps(res))
+        else:
+            print("\n".join(f"{k:>16}  {v}" for k, v in res.items()))
         return
     if not os.path.isfile(cfg.init):
-        raise SystemExit(f"error: no checkpoint at {cfg.init}: run `python train.py` first (or pass --init CKPT)")
+        raise SystemExit(f"error: no checkpoint at {cfg.init}: run `python train.py` first "
+                         f"(or pass --init CKPT)")
     model, enc, base_cfg, _ = train.load_checkpoint(cfg.init, device)
-    print(f"GRPO from {cfg.init} | {cfg.steps} steps x {cfg.n_prompts} prompts x G = {cfg.group_size} -> {cfg.out}")
+    print(f"GRPO from {cfg.init} | {cfg.steps} steps x {cfg.n_prompts} prompts x "
+          f"G = {cfg.group_size} -> {cfg.out}")
     summary = rl_train(model, enc, cfg, cfg.out, base_cfg)
-    print(json.dumps(summary) if cfg.json else "\n".join(f"{k:>30}  {v}" for k, v in summary.items()))
+    if cfg.bench_prompts:
+        width = base_cfg.train.max_digits
+        rng = random.Random(f"grpo-bench-{cfg.seed}")
+        problems = training_problems(rng, cfg.bench_prompts, width, set())
+        summary.update(rollout_speed(model, enc, template(problems, width),
+                                     [a + b for a, b in problems], cfg.group_size,
+                                     train.max_response_tokens(width), cfg.seed))
+    write_outputs(summary, cfg.out)
+    if cfg.json:
+        print(json.dumps(summary))
+    else:
+        print("\n".join(f"{k:>30}  {v}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":

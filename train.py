@@ -1,4 +1,4 @@
-"""The miniature DeepSeek-V3: model, tokenizer, a verifiable reasoning world, and pretraining.
+"""The miniature DeepSeek-V3: the assembled model, its world and tokenizer, and pretraining.
 
 This is the wiring file. It assembles the concept files into DeepSeek-V3's architecture (V3 §2):
 
@@ -13,21 +13,36 @@ multi-digit addition, answered either directly (`<answer>0006229</answer>`) or s
 (`<think>8+1+0=09,______9 3+9+0=12,_____29 ...</think><answer>0007329</answer>`, one column at a
 time with its carry). The corpus mostly answers directly, and its direct answers are hasty: written
 without working, they forget carries (right only when no column carries; `--no-hasty` makes them
-exact, and a 4-layer model then learns to answer most problems directly). So the pretrained model
-*can* reason (force `<think>` and it is right) but rarely *chooses* to, and its own quick answers
-are usually wrong. grpo.py's RL must discover that thinking pays, as R1-Zero did.
+exact). So the pretrained model *can* reason (force `<think>` and it is right) but rarely
+*chooses* to, and its own quick answers are usually wrong: grpo.py's RL must discover that
+thinking pays, as R1-Zero did.
 
-    python train.py                    # pretrain (≈ minutes on a laptop CPU), writes out/pretrain/
+The file, in reading order (sections fenced with `# ---- name`):
+    config          ModelArgs, TrainConfig, Config; tiny_config and student_config
+    the model       Block, Transformer (forward, generate), sample_next
+    tokenizer       byte-level BPE learned from the world, digits always single tokens
+    the world       the addition problems, their renderings, World (the training stream)
+    --data FILE     TextData: any UTF-8 text instead of the world
+    evaluation      generate_ids/texts, the one answer judge (parse_answer), evaluate
+    checkpoints     atomic save, weights_only load
+    training        setup, train_step, evaluate_and_save, train
+    benchmark       interleaved_median, a dense GPT baseline, bench
+    interop         Transformer.from_hf (Hugging Face DeepseekV3)
+    command line    flags generated from the config dataclasses
+
+    python train.py                      # pretrain (minutes on a laptop CPU), writes out/pretrain/
     python train.py --sample "123+456="  # complete prompts with the checkpoint
-    python train.py --bench            # tokens/s of this model vs a plain dense GPT of equal active size
-    python train.py --student          # distill.py's smaller dense student (no MoE, no MTP)
-    python train.py --fp8 | --compile | --data FILE   # FP8 Linears (V3 §3.3), torch.compile, any UTF-8 text
-    torchrun --standalone --nproc_per_node=2 train.py # DistributedDataParallel (gloo on CPU, nccl on CUDA)
+    python train.py --bench              # tokens/s vs a dense GPT of equal active size
+    python train.py --student            # distill.py's smaller dense student (no MoE, no MTP)
+    python train.py --tiny               # a model of a few thousand parameters (tests, notebooks)
+    python train.py --fp8 | --compile | --data FILE  # FP8 Linears (V3 §3.3), compile, text
+    torchrun --standalone --nproc_per_node=2 train.py # DDP (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -39,69 +54,78 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, is_dataclass
 
+import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import tiktoken
 
 from fp8 import swap_to_fp8
 from mla import MLA, MLAConfig
 from moe import MLP, MoE, MoEConfig, moe_aux_loss, param_counts, update_gate_biases
 from mtp import MTPConfig, MTPModule, mtp_loss
 
-# ----------------------------------------------------------------------------- config
+# ---- config
+
+
+def default_moe() -> MoEConfig:
+    """The miniature's DeepSeekMoE: 8 routed experts of width 96, 2 active, plus 1 shared."""
+    return MoEConfig(moe_inter_dim=96, n_routed_experts=8, n_activated_experts=2)
 
 
 @dataclass
 class ModelArgs:
     vocab_size: int = 0           # set from the tokenizer
-    dim: int = 128
-    n_layers: int = 4
+    dim: int = 128                # model width (every component follows it)
+    n_layers: int = 4             # transformer blocks
     n_dense_layers: int = 1       # the first layers use a dense FFN (V3: 3 of 61)
     inter_dim: int = 384          # dense FFN hidden size
-    max_seq_len: int = 512
-    norm_eps: float = 1e-6
+    max_seq_len: int = 512        # longest sequence the RoPE tables and caches hold
+    norm_eps: float = 1e-6        # RMSNorm epsilon
     pad_id: int = 0               # set from the tokenizer
-    stop_ids: tuple = ()          # generation stops at these (end of answer); set from the tokenizer
+    stop_ids: tuple = ()          # generation stops at these; set from the tokenizer
     mla: MLAConfig = field(default_factory=MLAConfig)
-    moe: MoEConfig = field(default_factory=lambda: MoEConfig(moe_inter_dim=96, n_routed_experts=8,
-                                                             n_activated_experts=2))
+    moe: MoEConfig = field(default_factory=default_moe)
     mtp: MTPConfig = field(default_factory=MTPConfig)
 
-    def __post_init__(self):      # one width for every component: the sub-configs follow `dim`
-        self.mla.dim = self.moe.dim = self.dim
-        self.mla.max_seq_len, self.mla.norm_eps = self.max_seq_len, self.norm_eps
+    def __post_init__(self):
+        # one width for every component: the sub-configs follow `dim`
+        self.mla.dim = self.dim
+        self.moe.dim = self.dim
+        self.mla.max_seq_len = self.max_seq_len
+        self.mla.norm_eps = self.norm_eps
         self.stop_ids = tuple(self.stop_ids)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 600              # optimizer steps
     batch_size: int = 16          # sequences per micro-batch per process
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 3e-3
-    min_lr_frac: float = 0.1
-    warmup: int = 25
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    max_digits: int = 6           # training operands have 1..max_digits digits (written at this width)
+    grad_accum: int = 1           # micro-batches per optimizer step
+    seq_len: int = 256            # tokens per training row
+    lr: float = 3e-3              # peak AdamW learning rate
+    min_lr_frac: float = 0.1      # the cosine decays to this share of lr
+    warmup: int = 25              # linear warm-up steps
+    weight_decay: float = 0.1     # AdamW weight decay
+    grad_clip: float = 1.0        # gradient-norm clip
+    max_digits: int = 6           # operands have 1..max_digits digits (written at this width)
     think_frac: float = 0.35      # share of step-by-step answers in the corpus
-    hasty: bool = True            # the corpus's direct answers forget carries (hasty_sum); worked ones are right
-    eval_interval: int = 300
-    eval_n: int = 200
-    log_interval: int = 25
-    device: str = "auto"
-    seed: int = 0
-    out: str = "out/pretrain"
-    resume: bool = False
-    sample: str = ""
-    bench: bool = False
-    fp8: bool = False             # Linears in block-scaled FP8 (embed, head, gate, norms stay high precision)
-    compile: bool = False         # torch.compile the training forward/backward (slow to compile on a CPU)
-    data: str = ""                # a UTF-8 text file to pretrain on instead of the reasoning world
-    student: bool = False         # distill.py's small dense student (student_config) instead of the MoE model
+    hasty: bool = True            # the corpus's direct answers forget carries (hasty_sum)
+    eval_interval: int = 300      # evaluate and save a checkpoint every this many steps
+    eval_n: int = 200             # held-out problems per evaluation
+    log_interval: int = 25        # a log line every this many steps (and at least every 10 s)
+    device: str = "auto"          # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    threads: int = 0              # CPU threads (0: torch's default)
+    seed: int = 0                 # seeds the weights and the training stream
+    out: str = "out/pretrain"     # output folder: ckpt.pt, metrics.jsonl, summary.json, a plot
+    resume: bool = False          # continue from <out>/ckpt.pt
+    sample: str = ""              # complete this prompt with <out>/ckpt.pt and exit
+    bench: bool = False           # print training tokens/s vs a dense GPT and exit
+    fp8: bool = False             # Linears in block-scaled FP8 (V3 §3.3)
+    compile: bool = False         # torch.compile the training step (slow to compile on a CPU)
+    data: str = ""                # a UTF-8 text file to pretrain on instead of the world
+    student: bool = False         # distill.py's small dense student (student_config)
+    tiny: bool = False            # a model of a few thousand parameters (tiny_config)
 
 
 @dataclass
@@ -110,28 +134,155 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def tiny_config(width: int = 32, student: bool = False, **train_fields) -> Config:
+    """A miniature of the miniature on 2-digit sums, trained in seconds on a CPU: what the tests,
+    the notebooks' small mode and `--tiny` use. Every component (MLA, dense FFN, MoE, MTP) is
+    present; width 32 has 2 layers, width 64 (notebooks' tiny teacher) 3. student: every layer
+    dense, no MoE and no MTP (a tiny distill.py student). train_fields override TrainConfig."""
+    mla = MLAConfig(n_heads=width // 16, kv_lora_rank=width // 2, qk_nope_head_dim=width // 4,
+                    qk_rope_head_dim=width // 8, v_head_dim=width // 4)
+    n_layers = 3 if width >= 64 else 2
+    model = ModelArgs(dim=width, n_layers=n_layers, inter_dim=2 * width, max_seq_len=128, mla=mla,
+                      moe=MoEConfig(moe_inter_dim=width // 2, n_routed_experts=4,
+                                    n_activated_experts=2))
+    if student:
+        model = dataclasses.replace(model, n_dense_layers=n_layers, inter_dim=3 * width,
+                                    mtp=MTPConfig(n_mtp_depth=0))
+    tc = TrainConfig(seq_len=64, batch_size=8, max_digits=2, eval_n=32, student=student,
+                     tiny=True)
+    return Config(model=model, train=dataclasses.replace(tc, **train_fields))
+
+
 def student_config(cfg: Config | None = None) -> Config:
-    """The student distill.py distils into (R1 §2.4: small DENSE models): same world and tokenizer as
-    cfg, 3/4 of the width and depth, no MoE (every layer dense), no MTP: 0.41M parameters vs 1.9M (1.0M
-    active). A 2-layer, width-64 student (0.14M) learned nothing in 600 steps, not even the hasty sums."""
-    mla = MLAConfig(n_heads=4, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=24)
-    model = ModelArgs(dim=96, n_layers=3, n_dense_layers=3, inter_dim=288, mla=mla, mtp=MTPConfig(n_mtp_depth=0))
+    """The student distill.py distils into (R1 §2.4: small DENSE models): cfg's world and
+    tokenizer, 3/4 of the width and depth, no MoE (every layer dense), no MTP: 0.41M parameters
+    vs 1.9M (1.0M active). A 2-layer, width-64 student (0.14M) learned nothing in 600 steps."""
+    mla = MLAConfig(n_heads=4, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=8,
+                    v_head_dim=24)
+    model = ModelArgs(dim=96, n_layers=3, n_dense_layers=3, inter_dim=288, mla=mla,
+                      mtp=MTPConfig(n_mtp_depth=0))
     tc = dataclasses.replace((cfg or Config()).train, student=True)
     return Config(model=model, train=tc)
 
 
-# Sub-config fields that follow ModelArgs and so get no flag of their own.
-DERIVED = {"dim", "max_seq_len", "norm_eps"}
+# ---- the model
 
 
-def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from dataclasses.asdict output (as stored in checkpoints)."""
-    m = dict(d["model"])
-    m["mla"], m["moe"], m["mtp"] = MLAConfig(**m["mla"]), MoEConfig(**m["moe"]), MTPConfig(**m["mtp"])
-    return Config(model=ModelArgs(**m), train=TrainConfig(**d["train"]))
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense FFN or DeepSeekMoE (V3 Fig. 2)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attn = MLA(args.mla)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        if layer_id < args.n_dense_layers:
+            self.ffn = MLP(args.dim, args.inter_dim)
+        else:
+            self.ffn = MoE(args.moe)
+
+    def forward(self, x, start_pos: int = 0, cache=None, mode: str | None = None):
+        x = x + self.attn(self.attn_norm(x), start_pos, cache, mode)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def new_cache(self, batch_size: int, max_len: int):
+        p = self.attn_norm.weight
+        return self.attn.new_cache(batch_size, max_len, device=p.device, dtype=p.dtype)
 
 
-# ----------------------------------------------------------------------------- tokenizer
+class Transformer(nn.Module):
+    """DeepSeek-V3 in miniature: embed -> blocks -> norm -> head, with D MTP modules beside."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # MTP depth k uses one more block of the kind the last layer has (MoE in V3).
+        mtp = [MTPModule(args.dim, Block(args.n_layers, args), self.embed, self.head, args.norm_eps)
+               for _ in range(args.mtp.n_mtp_depth)]
+        self.mtp = nn.ModuleList(mtp)
+        # PyTorch's default init (scaled by fan-in) on purpose: a fixed std of 0.02 (nanoGPT, tuned
+        # at width 768) shrinks every signal at width 128, and the model then stalls for hundreds
+        # of steps.
+
+    def new_cache(self, batch_size: int, max_len: int) -> list:
+        return [layer.new_cache(batch_size, max_len) for layer in self.layers]
+
+    def forward_hidden(self, tokens, start_pos: int = 0, cache=None, mode: str | None = None):
+        """tokens [B, T] -> hidden states [B, T, dim] before the final norm."""
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, None if cache is None else cache[i], mode)
+        return h
+
+    def logits(self, h):
+        return self.head(self.norm(h))
+
+    def forward(self, tokens, targets=None):
+        """tokens [B, T] -> logits [B, T, V]; with targets [B, T], the training loss and parts."""
+        h = self.forward_hidden(tokens, mode="naive")
+        logits = self.logits(h)
+        if targets is None:
+            return logits
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        # MTP depth k at position i predicts the token k+1 ahead: the inputs plus the last target.
+        full = torch.cat([tokens, targets[:, -1:]], dim=1)
+        if len(self.mtp):
+            mtp = mtp_loss(self.mtp, h, full, self.args.mtp.mtp_lambda)
+        else:
+            mtp = ce.new_zeros(())
+        aux = moe_aux_loss(self)
+        return ce + mtp + aux, {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach()}
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True):
+        """Continue every row of tokens [B, T] (temperature 0 = greedy). Rows stop at a stop token
+        (then pad); the loop stops when all rows have. Returns [B, T + n_new]. Decoding uses the
+        MLA latent cache with absorbed attention; use_cache=False recomputes everything."""
+        B, T = tokens.shape
+        if T + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len ({self.args.max_seq_len}): shorten the prompt or "
+                             f"generate fewer")
+        stop = torch.tensor(self.args.stop_ids, dtype=torch.long, device=tokens.device)
+        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        out = tokens
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        # 1. prefill: the whole prompt at once (fills the latent cache)
+        h = self.forward_hidden(tokens, 0, cache, mode="absorb" if use_cache else "naive")
+        for _ in range(max_new_tokens):
+            # 2. sample the next token of every row; finished rows get padding
+            nxt = sample_next(self.logits(h[:, -1]).float(), temperature, top_k, generator)
+            nxt = nxt.masked_fill(done, self.args.pad_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= torch.isin(nxt, stop)
+            if done.all() or out.shape[1] == T + max_new_tokens:
+                break
+            # 3. decode one position: the new token against the cache (or everything again)
+            if use_cache:
+                h = self.forward_hidden(nxt[:, None], out.shape[1] - 1, cache, mode="absorb")
+            else:
+                h = self.forward_hidden(out, mode="naive")
+        return out
+
+
+def sample_next(logits, temperature: float, top_k: int | None, generator=None):
+    """logits [B, V] -> token ids [B]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ---- tokenizer
 
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<think>", "</think>", "<answer>", "</answer>"]
 # Digits are always single tokens: they never share a pre-token chunk, so no merge can join them.
@@ -139,7 +290,7 @@ PAT_STR = r""" ?[^\s\d]+|\d|\s+(?!\S)|\s+"""
 
 
 def learn_merges(text: str, n_merges: int) -> dict[bytes, int]:
-    """Byte-level BPE: start from the 256 bytes, repeatedly merge the most frequent adjacent pair."""
+    """Byte-level BPE: from the 256 bytes, repeatedly merge the most frequent adjacent pair."""
     ranks = {bytes([i]): i for i in range(256)}
     for s in SPECIALS:
         text = text.replace(s, " ")
@@ -153,12 +304,14 @@ def learn_merges(text: str, n_merges: int) -> dict[bytes, int]:
             break
         (a, b), _ = pairs.most_common(1)[0]
         ranks[a + b] = len(ranks)
-        words = Counter({_merge(w, a, b): c for w, c in words.items()})
+        words = Counter({merge_pair(w, a, b): c for w, c in words.items()})
     return ranks
 
 
-def _merge(w: tuple, a: bytes, b: bytes) -> tuple:
-    out, i = [], 0
+def merge_pair(w: tuple, a: bytes, b: bytes) -> tuple:
+    """w with every adjacent (a, b) replaced by a + b, left to right."""
+    out = []
+    i = 0
     while i < len(w):
         if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
             out.append(a + b)
@@ -176,7 +329,7 @@ def build_tokenizer(ranks: dict[bytes, int]) -> tiktoken.Encoding:
 
 
 def tokenizer_state(enc: tiktoken.Encoding) -> dict:
-    """What a checkpoint stores to rebuild the tokenizer exactly (plain types: weights_only-safe)."""
+    """What a checkpoint stores to rebuild the tokenizer (plain types: weights_only-safe)."""
     return {"ranks": [[k.hex(), v] for k, v in enc._mergeable_ranks.items()]}
 
 
@@ -192,18 +345,21 @@ def special_id(enc: tiktoken.Encoding, name: str) -> int:
     return enc.encode_single_token(name)
 
 
-# ----------------------------------------------------------------------------- reasoning world
+# ---- the world
 
 
 def think_steps(a: int, b: int, width: int) -> str:
-    """Column addition, right to left, one column per step: the two digits, the carry in, their sum,
-    then the answer so far (padded with '_' to the answer's width). For 4738+2591 at width 4:
+    """Column addition, right to left, one column per step: the two digits, the carry in, their
+    sum, then the answer so far (padded with '_' to the answer's width). For 4738+2591 at width 4:
     '8+1+0=09,____9 3+9+0=12,___29 7+5+1=13,__329 4+2+1=07,_7329 0+0+0=00,07329'.
     Operands are written at a fixed width and every step has the same length, so each thing a step
     needs sits at a fixed distance (a lookup a tiny model learns quickly), and the final answer is
     a copy of the last step's answer-so-far."""
-    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    steps, carry, so_far = [], 0, ""
+    da = str(a).zfill(width)[::-1]
+    db = str(b).zfill(width)[::-1]
+    steps = []
+    carry = 0
+    so_far = ""
     for x, y in zip(da + "0", db + "0"):
         s = int(x) + int(y) + carry
         so_far = str(s % 10) + so_far
@@ -214,9 +370,10 @@ def think_steps(a: int, b: int, width: int) -> str:
 
 def hasty_sum(a: int, b: int) -> int:
     """What a hasty writer answers without working it out: each column's digit sum mod 10, carries
-    forgotten. Right exactly when no column carries (4738+2591 -> 6229, not 7329; 123+456 -> 579)."""
+    forgotten. Right exactly when no column carries (4738+2591 -> 6229, not 7329)."""
     w = max(len(str(a)), len(str(b)))
-    return int("".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a).zfill(w), str(b).zfill(w))))
+    columns = zip(str(a).zfill(w), str(b).zfill(w))
+    return int("".join(str((int(x) + int(y)) % 10) for x, y in columns))
 
 
 def render(a: int, b: int, think: bool, width: int, hasty: bool = False) -> tuple[str, str]:
@@ -239,10 +396,10 @@ def sample_problem(rng: random.Random, min_digits: int, max_digits: int) -> tupl
 def eval_split(split: str, n: int, max_digits: int, seed: int = 1234) -> list[tuple[int, int]]:
     """Held-out problems (same digit range as training, excluded from it) or a harder split
     (max_digits + 1 digits, never seen in training)."""
-    rng = random.Random(f"{split}-{seed}")
-    lo, hi = (1, max_digits) if split == "heldout" else (max_digits + 1, max_digits + 1)
     if split not in ("heldout", "harder"):
         raise ValueError(f"unknown split {split!r}: use 'heldout' or 'harder'")
+    rng = random.Random(f"{split}-{seed}")
+    lo, hi = (1, max_digits) if split == "heldout" else (max_digits + 1, max_digits + 1)
     out = []
     while len(out) < n:
         p = sample_problem(rng, lo, hi)
@@ -253,20 +410,26 @@ def eval_split(split: str, n: int, max_digits: int, seed: int = 1234) -> list[tu
 
 class World:
     """The training stream: row j of the corpus is a deterministic function of (seed, j), so any
-    process, any resume, any batch split sees exactly the same data. Held-out problems never occur."""
+    process, any resume, any batch split sees exactly the same data. The held-out problems never
+    occur in it; evaluate() measures the model on them."""
 
-    def __init__(self, enc: tiktoken.Encoding, tc: TrainConfig, heldout: set[tuple[int, int]]):
-        self.enc, self.tc, self.heldout = enc, tc, heldout
+    def __init__(self, enc: tiktoken.Encoding, tc: TrainConfig, heldout):
+        self.enc = enc
+        self.tc = tc
+        self.problems = list(heldout)
+        self.heldout = set(self.problems)
         self.eos = special_id(enc, "<|eos|>")
 
     def example(self, rng: random.Random) -> list[int]:
         while (p := sample_problem(rng, 1, self.tc.max_digits)) in self.heldout:
             pass
-        prompt, response = render(*p, rng.random() < self.tc.think_frac, self.tc.max_digits, self.tc.hasty)
+        think = rng.random() < self.tc.think_frac
+        prompt, response = render(*p, think, self.tc.max_digits, self.tc.hasty)
         return encode(self.enc, prompt + response) + [self.eos]
 
     def row(self, j: int, stream: str | None = None) -> list[int]:
-        rng, toks = random.Random(f"{self.tc.seed if stream is None else stream}-{j}"), []
+        rng = random.Random(f"{self.tc.seed if stream is None else stream}-{j}")
+        toks = []
         while len(toks) < self.tc.seq_len + 1:
             toks += self.example(rng)
         return toks[: self.tc.seq_len + 1]
@@ -277,232 +440,102 @@ class World:
     def corpus_sample(self, n_rows: int = 200) -> str:
         return "".join(self.enc.decode(self.row(-1 - j)) for j in range(n_rows))
 
-    def evaluate(self, model: nn.Module, n_rows: int = 64) -> dict:
-        """Next-token CE on rows no run trains on, the same for every --seed (runs compare on one text)."""
+    def evaluate(self, model: nn.Module, final: bool = False, n_rows: int = 64) -> dict:
+        """Accuracy on the held-out problems (made to think, own choice), and next-token CE on
+        rows no run trains on, the same for every --seed (runs compare on one text). final: also
+        the harder split (one more digit than training ever saw), keys harder_*."""
         rows = torch.tensor([self.row(j, stream="heldout") for j in range(n_rows)])
-        return {"heldout_loss": heldout_ce(model, rows, self.tc.batch_size)}
+        width = self.tc.max_digits
+        out = {**evaluate(model, self.enc, self.problems, width),
+               "heldout_loss": heldout_ce(model, rows, self.tc.batch_size)}
+        if final:
+            harder = eval_split("harder", max(1, len(self.problems) // 2), width)
+            ev = evaluate(model, self.enc, harder, width + 1)
+            out.update({"harder_" + k: v for k, v in ev.items() if k.startswith("accuracy")})
+        return out
 
 
 def corpus_text(tc: TrainConfig, n: int = 3000) -> str:
-    """Text to learn BPE merges from (before the tokenizer exists: no token ids needed). Independent of
-    --seed: every model of one world shares a tokenizer (distill.py's token-level KD compares logits)."""
+    """Text to learn BPE merges from (before the tokenizer exists). Independent of --seed: every
+    model of one world shares a tokenizer (distill.py's token-level KD compares logits)."""
     rng = random.Random("merges-0")
-    return "".join("".join(render(*sample_problem(rng, 1, tc.max_digits), rng.random() < tc.think_frac,
-                                          tc.max_digits))
-                   for _ in range(n))
+    parts = []
+    for _ in range(n):
+        problem = sample_problem(rng, 1, tc.max_digits)
+        parts.append("".join(render(*problem, rng.random() < tc.think_frac, tc.max_digits)))
+    return "".join(parts)
 
 
-# ----------------------------------------------------------------------------- --data FILE: any UTF-8 text
+def make_tokenizer_and_world(tc: TrainConfig, n_heldout: int):
+    """The world's tokenizer, its held-out problems and its World. Returns (enc, heldout, world)."""
+    enc = build_tokenizer(learn_merges(corpus_text(tc), n_merges=64))
+    heldout = eval_split("heldout", n_heldout, tc.max_digits)
+    return enc, heldout, World(enc, tc, heldout)
+
+
+# ---- --data FILE: any UTF-8 text
 
 
 class TextData:
-    """--data: a text as the corpus. Its last 10% of tokens is held out; training row j is the window at an
-    offset drawn from (seed, j), so sharding over processes and resuming work as for World."""
+    """--data: a text as the corpus. Its last 10% of tokens is held out; training row j is the
+    window at an offset drawn from (seed, j), so sharding and resuming work as for World."""
 
     def __init__(self, tokens: list[int], tc: TrainConfig):
-        n_held, self.tc, self.L = max(len(tokens) // 10, tc.seq_len + 1), tc, tc.seq_len + 1
-        self.train_ids, self.held_ids = torch.tensor(tokens[:-n_held]), torch.tensor(tokens[-n_held:])
+        n_held = max(len(tokens) // 10, tc.seq_len + 1)
+        self.tc = tc
+        self.L = tc.seq_len + 1
+        self.train_ids = torch.tensor(tokens[:-n_held])
+        self.held_ids = torch.tensor(tokens[-n_held:])
 
-    def batch(self, rows: range) -> torch.Tensor:                                # [B, seq_len + 1]
-        offsets = [random.Random(f"{self.tc.seed}-{j}").randrange(len(self.train_ids) - self.L + 1) for j in rows]
+    def batch(self, rows: range) -> torch.Tensor:                   # [B, seq_len + 1]
+        n_offsets = len(self.train_ids) - self.L + 1
+        offsets = [random.Random(f"{self.tc.seed}-{j}").randrange(n_offsets) for j in rows]
         return torch.stack([self.train_ids[o:o + self.L] for o in offsets])
 
-    def evaluate(self, model: nn.Module) -> dict:
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict:
         """Next-token cross-entropy over consecutive held-out windows (at most eval_n of them)."""
         n = min(len(self.held_ids) // self.L, self.tc.eval_n)
-        return {"heldout_loss": heldout_ce(model, self.held_ids[: n * self.L].view(n, self.L), self.tc.batch_size)}
+        windows = self.held_ids[: n * self.L].view(n, self.L)
+        return {"heldout_loss": heldout_ce(model, windows, self.tc.batch_size)}
 
 
 @torch.no_grad()
 def heldout_ce(model: nn.Module, rows: torch.Tensor, batch_size: int) -> float:
     """Mean next-token cross-entropy of model on rows [n, seq_len + 1] (eval mode, no MTP)."""
-    was_training, rows = model.training, rows.to(next(model.parameters()).device)
+    was_training = model.training
+    rows = rows.to(next(model.parameters()).device)
     model.eval()
-    ce = sum(model(w[:, :-1], w[:, 1:])[1]["ce"].item() * len(w) for w in rows.split(batch_size))
+    ce = 0.0
+    for w in rows.split(batch_size):
+        ce += model(w[:, :-1], w[:, 1:])[1]["ce"].item() * len(w)
     model.train(was_training)
     return ce / len(rows)
 
 
 def make_text_data(tc: TrainConfig) -> tuple[tiktoken.Encoding, None, TextData]:
-    """--data: BPE merges learned from the file's first 200k characters, and the file as TextData."""
+    """--data: BPE merges learned from the file's first 200k characters; the file as TextData."""
     try:
         with open(tc.data, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: --data {tc.data}: cannot read it as UTF-8 text ({e}); pass a text file")
+        raise SystemExit(f"error: --data {tc.data}: cannot read it as UTF-8 text ({e}); "
+                         f"pass a text file")
     enc = build_tokenizer(learn_merges(text[:200_000], n_merges=256))
-    tokens, need = enc.encode_ordinary(text), 10 * (tc.seq_len + 1)
+    tokens = enc.encode_ordinary(text)
+    need = 10 * (tc.seq_len + 1)
     if len(tokens) < need:
-        raise SystemExit(f"error: --data {tc.data} is too small: {len(tokens)} tokens, need {need} (10 windows of "
-                         f"--seq-len {tc.seq_len} + 1); use a larger file or a smaller --seq-len")
+        raise SystemExit(f"error: --data {tc.data} is too small: {len(tokens)} tokens, need {need} "
+                         f"(10 windows of --seq-len {tc.seq_len} + 1); use a larger file or a "
+                         f"smaller --seq-len")
     return enc, None, TextData(tokens, tc)
 
 
-# ----------------------------------------------------------------------------- the model
+# ---- generation and evaluation
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: MLA then a dense FFN or DeepSeekMoE (V3 Fig. 2)."""
-
-    def __init__(self, layer_id: int, args: ModelArgs):
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.attn = MLA(args.mla)
-        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args.moe)
-
-    def forward(self, x, start_pos: int = 0, cache=None, mode: str | None = None):
-        x = x + self.attn(self.attn_norm(x), start_pos, cache, mode)
-        return x + self.ffn(self.ffn_norm(x))
-
-    def new_cache(self, batch_size: int, max_len: int):
-        p = self.attn_norm.weight
-        return self.attn.new_cache(batch_size, max_len, device=p.device, dtype=p.dtype)
-
-
-class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # MTP depth k uses one more block of the kind the last layer has (MoE in V3).
-        self.mtp = nn.ModuleList(MTPModule(args.dim, Block(args.n_layers, args), self.embed, self.head,
-                                           args.norm_eps) for _ in range(args.mtp.n_mtp_depth))
-        # PyTorch's default init (scaled by fan-in) on purpose: a fixed std of 0.02 (nanoGPT, tuned at
-        # width 768) shrinks every signal at width 128, and the model then stalls for hundreds of steps.
-
-    def new_cache(self, batch_size: int, max_len: int) -> list:
-        return [layer.new_cache(batch_size, max_len) for layer in self.layers]
-
-    def forward_hidden(self, tokens, start_pos: int = 0, cache=None, mode: str | None = None):
-        """tokens [B, T] -> hidden states [B, T, dim] before the final norm."""
-        h = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, start_pos, None if cache is None else cache[i], mode)
-        return h
-
-    def logits(self, h):
-        return self.head(self.norm(h))
-
-    def forward(self, tokens, targets=None):
-        """tokens [B, T] -> logits [B, T, V]; with targets [B, T], the training loss and its parts."""
-        h = self.forward_hidden(tokens, mode="naive")
-        logits = self.logits(h)
-        if targets is None:
-            return logits
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        # MTP depth k at position i predicts the token k+1 ahead: the inputs plus the last target.
-        full = torch.cat([tokens, targets[:, -1:]], dim=1)
-        mtp = mtp_loss(self.mtp, h, full, self.args.mtp.mtp_lambda) if len(self.mtp) else ce.new_zeros(())
-        aux = moe_aux_loss(self)
-        return ce + mtp + aux, {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach()}
-
-    @torch.inference_mode()
-    def generate(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
-        """Continue every row of tokens [B, T] (temperature 0 = greedy). Rows stop at a stop token
-        (then pad); the loop stops when all rows have. Returns [B, T + n_new]. Decoding uses the
-        MLA latent cache with absorbed attention; use_cache=False recomputes everything (a check)."""
-        B, T = tokens.shape
-        if T + max_new_tokens > self.args.max_seq_len:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
-                             f"({self.args.max_seq_len}): shorten the prompt or generate fewer tokens")
-        stop = torch.tensor(self.args.stop_ids, dtype=torch.long, device=tokens.device)
-        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
-        out, done = tokens, torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        h = self.forward_hidden(tokens, 0, cache, mode="absorb" if use_cache else "naive")
-        for _ in range(max_new_tokens):
-            nxt = sample_next(self.logits(h[:, -1]).float(), temperature, top_k, generator)
-            nxt = nxt.masked_fill(done, self.args.pad_id)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            done |= torch.isin(nxt, stop)
-            if done.all() or out.shape[1] == T + max_new_tokens:
-                break
-            if use_cache:
-                h = self.forward_hidden(nxt[:, None], out.shape[1] - 1, cache, mode="absorb")
-            else:
-                h = self.forward_hidden(out, mode="naive")
-        return out
-
-    @classmethod
-    def from_hf(cls, hf_model: nn.Module) -> "Transformer":
-        """Our model with the config and weights of a Hugging Face DeepseekV3ForCausalLM (float32, no MTP
-        modules, no stop ids). Raises ValueError naming any config option this model does not implement."""
-        c = hf_model.config
-        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
-        for bad, option in [
-                (c.tie_word_embeddings, "tie_word_embeddings=True (V3 has a separate output head)"),
-                (c.attention_bias, "attention_bias=True (MLA's projections have no bias)"),
-                (rope.get("rope_type", rope.get("type", "default")) != "default",
-                 f"rope scaling {rope} (YaRN is not implemented: use rope_type 'default')"),
-                (c.hidden_act != "silu", f"hidden_act={c.hidden_act!r} (the experts are SwiGLU: 'silu')"),
-                (not c.norm_topk_prob, "norm_topk_prob=False (V3 normalises the sigmoid gate weights)"),
-                (c.rms_norm_eps != 1e-6, f"rms_norm_eps={c.rms_norm_eps} (HF's q/kv norms keep 1e-6)"),
-                (not hasattr(hf_model, "lm_head"), "model without lm_head (pass a DeepseekV3ForCausalLM)")]:
-            if bad:
-                raise ValueError(f"Transformer.from_hf: unsupported {option}")
-        H, dn, dr, kv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
-        mla = MLAConfig(n_heads=H, q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=kv, qk_nope_head_dim=dn,
-                        qk_rope_head_dim=dr, v_head_dim=c.v_head_dim,
-                        rope_theta=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
-        moe = MoEConfig(moe_inter_dim=c.moe_intermediate_size, n_routed_experts=c.n_routed_experts,
-                        n_shared_experts=c.n_shared_experts, n_activated_experts=c.num_experts_per_tok,
-                        n_expert_groups=c.n_group or 1, n_limited_groups=c.topk_group or 1,
-                        route_scale=c.routed_scaling_factor)
-        model = cls(ModelArgs(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
-                              n_dense_layers=c.first_k_dense_replace, inter_dim=c.intermediate_size,
-                              max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
-                              pad_id=c.pad_token_id or 0, mla=mla, moe=moe, mtp=MTPConfig(n_mtp_depth=0)))
-        # HF's non-interleaved RoPE rotates pairs (x_i, x_i+d/2), ours (official) (x_2i, x_2i+1): reorder rows.
-        rows = torch.arange(dr).view(2, -1).T.flatten() if not getattr(c, "rope_interleave", True) else slice(None)
-        sd = {}
-        for name, w in hf_model.state_dict().items():
-            if w.numel() == 0:                                 # n_shared_experts = 0: HF keeps empty Linears
-                continue
-            for theirs, ours in HF_NAMES:
-                name = name.replace(theirs, ours)
-            w = w.detach().float().clone()
-            if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
-                w.view(H, dn + dr, -1)[:, dn:] = w.view(H, dn + dr, -1)[:, dn:][:, rows]
-            elif name.endswith("attn.wkv_a.weight"):
-                w[kv:] = w[kv:][rows]
-            if name.endswith("experts.w13"):                  # [E, 2 inter, dim] = [gate; up]
-                sd[name[:-2] + "1"], sd[name[:-2] + "3"] = w.chunk(2, dim=1)
-            elif m := re.match(r"(.*experts)\.(\d+)\.(w\d)\.weight", name):   # transformers 4.x: a module each
-                sd.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = w
-            else:
-                sd[name] = w
-        model.load_state_dict({k: torch.stack([v[i] for i in sorted(v)]) if isinstance(v, dict) else v
-                               for k, v in sd.items()})
-        return model
-
-
-# Hugging Face DeepseekV3 parameter names -> ours, applied in order (gate_up_proj first: it holds "up_proj").
-HF_NAMES = [("gate_up_proj", "w13"), ("model.embed_tokens", "embed"), ("model.norm", "norm"), ("lm_head", "head"),
-            ("model.layers", "layers"), ("self_attn.q_proj", "attn.wq"), ("self_attn.q_a_proj", "attn.wq_a"),
-            ("self_attn.q_a_layernorm", "attn.q_norm"), ("self_attn.q_b_proj", "attn.wq_b"),
-            ("self_attn.kv_a_proj_with_mqa", "attn.wkv_a"), ("self_attn.kv_a_layernorm", "attn.kv_norm"),
-            ("self_attn.kv_b_proj", "attn.wkv_b"), ("self_attn.o_proj", "attn.wo"), ("input_layernorm", "attn_norm"),
-            ("post_attention_layernorm", "ffn_norm"), ("mlp.", "ffn."), ("gate_proj", "w1"), ("up_proj", "w3"),
-            ("down_proj", "w2"), ("e_score_correction_bias", "bias")]
-
-
-def sample_next(logits, temperature: float, top_k: int | None, generator=None):
-    """logits [B, V] -> token ids [B]; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 generator=None, batch_size: int = 256, use_cache: bool = True) -> list[list[int]]:
+def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                 temperature: float = 0.0, generator=None, batch_size: int = 256,
+                 use_cache: bool = True) -> list[list[int]]:
     """Complete token-id prompts of any lengths; returns each response's ids (up to and including
     its stop token, no padding). Prompts are bucketed by length so a batch needs no padding: the
     batch shares positions, which is what the MLA cache expects."""
@@ -515,7 +548,8 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             x = torch.tensor([prompts[i] for i in chunk], device=device)
-            y = model.generate(x, max_new_tokens, temperature, generator=generator, use_cache=use_cache)
+            y = model.generate(x, max_new_tokens, temperature, generator=generator,
+                               use_cache=use_cache)
             for i, row in zip(chunk, y[:, length:].tolist()):
                 out[i] = [t for t in row if t != model.args.pad_id]
     return out
@@ -524,19 +558,35 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
 def generate_texts(model: Transformer, enc, prompts: list[str], max_new_tokens: int,
                    temperature: float = 0.0, generator=None) -> list[str]:
     """Complete text prompts (see generate_ids)."""
-    ids = generate_ids(model, [encode(enc, p) for p in prompts], max_new_tokens, temperature, generator)
+    prompt_ids = [encode(enc, p) for p in prompts]
+    ids = generate_ids(model, prompt_ids, max_new_tokens, temperature, generator)
     return [enc.decode(r) for r in ids]
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-ANSWER_RE = re.compile(r"<answer>(\d{1,40})</answer>")
+MAX_ANSWER_DIGITS = 40
+# A block's text: non-empty, no tag characters (a stray or nested tag breaks it).
+_BODY = r"[^<>]+"
+WELL_FORMED = re.compile(rf"(?:<think>{_BODY}</think>)?<answer>{_BODY}</answer>(?:<\|eos\|>)?")
+ANSWER_BLOCK = re.compile(r"<answer>([^<>]*)</answer>")
 
 
 def parse_answer(response: str) -> int | None:
-    """The integer inside the first <answer>…</answer>, or None. Parsed, never evaluated."""
-    m = ANSWER_RE.search(response)
-    return int(m.group(1)) if m else None
+    """The one judge of an answer, for evaluation, rewards and rejection sampling: the integer in
+    the response's ONLY <answer>...</answer> block, whose text must be 1..40 ASCII digits (leading
+    zeros allowed: the world writes answers zero-padded); None otherwise. The text is parsed,
+    never evaluated."""
+    if response.count("<answer>") != 1 or response.count("</answer>") != 1:
+        return None
+    m = ANSWER_BLOCK.search(response)
+    s = m.group(1) if m else ""
+    if not (0 < len(s) <= MAX_ANSWER_DIGITS and s.isascii() and s.isdigit()):
+        return None
+    return int(s)
+
+
+def well_formed(response: str) -> bool:
+    """[<think>text</think>]<answer>text</answer>[<|eos|>] exactly, each text non-empty."""
+    return WELL_FORMED.fullmatch(response) is not None
 
 
 def max_response_tokens(width: int) -> int:
@@ -545,64 +595,100 @@ def max_response_tokens(width: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: int) -> dict:
-    """Greedy accuracy when made to reason (prompt ends with <think>), and the model's own choice:
-    accuracy, reasoning rate and mean response length (tokens). `width`: the digits problems are
-    written with (the training max_digits; one more for the harder split)."""
+def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: int,
+             modes: tuple = ("think", "greedy"), k: int = 4, seed: int = 0) -> dict:
+    """How well the model adds, judged by parse_answer. Modes, each giving accuracy_<mode>,
+    think_rate_<mode>, format_rate_<mode> and mean_length_<mode> (response tokens):
+        think   greedy, made to reason (the prompt ends with <think>)
+        greedy  greedy, the model's own choice
+        t1      k samples per problem at T = 1 (accuracy_t1 is pass@1), plus pass_at_k
+    `width`: the digits problems are written with (training max_digits; one more for 'harder')."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     n_new = max_response_tokens(width)
     prompts = [render(a, b, False, width)[0] for a, b in problems]
-    forced = generate_texts(model, enc, [p + "<think>" for p in prompts], n_new)
-    free = generate_texts(model, enc, prompts, n_new)
     targets = [a + b for a, b in problems]
+    out = {}
+    for mode in modes:
+        # 1. the prompts of this mode, repeated k times for sampling
+        opened = "<think>" if mode == "think" else ""
+        n_samples = k if mode == "t1" else 1
+        rows = [encode(enc, p + opened) for p in prompts for _ in range(n_samples)]
+        # 2. generate: greedy, or at T = 1 with the seeded generator
+        temperature = 1.0 if mode == "t1" else 0.0
+        ids = generate_ids(model, rows, n_new, temperature, g)
+        # 3. judge: the response includes the tag the prompt opened
+        texts = [opened + enc.decode(r) for r in ids]
+        right = [parse_answer(t) == y for t, y in zip(texts, [y for y in targets
+                                                              for _ in range(n_samples)])]
+        out[f"accuracy_{mode}"] = sum(right) / len(right)
+        out[f"think_rate_{mode}"] = sum(t.startswith("<think>") for t in texts) / len(texts)
+        out[f"format_rate_{mode}"] = sum(map(well_formed, texts)) / len(texts)
+        out[f"mean_length_{mode}"] = sum(map(len, ids)) / len(ids)
+        if mode == "t1":
+            per_problem = torch.tensor(right, dtype=torch.float).view(len(problems), k)
+            out["pass_at_k"] = per_problem.amax(1).mean().item()
+            out["k"] = k
     model.train(was_training)
-    return {
-        "accuracy_think": sum(parse_answer(r) == t for r, t in zip(forced, targets)) / len(targets),
-        "accuracy_greedy": sum(parse_answer(r) == t for r, t in zip(free, targets)) / len(targets),
-        "think_rate_greedy": sum(r.startswith("<think>") for r in free) / len(free),
-        "mean_length_greedy": sum(len(encode(enc, r)) for r in free) / len(free),
-    }
+    return {**out, "n": len(problems)}
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ---- checkpoints
 
 
 def save_checkpoint(path: str, model: Transformer, opt, step: int, cfg: Config, enc) -> None:
-    """Atomic: write a temp file beside the target, then rename (a crash never leaves half a file)."""
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None, "step": step,
-             "config": dataclasses.asdict(cfg), "tokenizer": tokenizer_state(enc),
+    """Atomic: a temp file beside the target, then a rename (a crash never leaves half a file)."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
+             "step": step, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer_state(enc),
              "rng": torch.get_rng_state()}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device: str = "cpu") -> tuple[Transformer, tiktoken.Encoding, Config, dict]:
-    """Rebuild model, tokenizer and config from a checkpoint (weights_only: no code is unpickled)."""
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from dataclasses.asdict output (as stored in checkpoints)."""
+    m = dict(d["model"])
+    m["mla"] = MLAConfig(**m["mla"])
+    m["moe"] = MoEConfig(**m["moe"])
+    m["mtp"] = MTPConfig(**m["mtp"])
+    known = {f.name for f in fields(TrainConfig)}
+    # checkpoints written before a TrainConfig field existed still load (the field's default)
+    tc = TrainConfig(**{k: v for k, v in d["train"].items() if k in known})
+    return Config(model=ModelArgs(**m), train=tc)
+
+
+def load_checkpoint(path: str, device: str = "cpu"
+                    ) -> tuple[Transformer, tiktoken.Encoding, Config, dict]:
+    """Model, tokenizer and config from a checkpoint (weights_only: no code is unpickled)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}: run `python train.py` first (or pass the right path)")
+        raise SystemExit(f"error: no checkpoint at {path}: run `python train.py` first "
+                         f"(or pass the right path)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         cfg = config_from_dict(ckpt["config"])
         enc = tokenizer_from_state(ckpt["tokenizer"])
         model = Transformer(cfg.model).to(device)
         model.load_state_dict(ckpt["model"])
-    except SystemExit:
-        raise
-    except Exception as e:  # a user's file: say what is wrong in one line, not a torch traceback
+    except Exception as e:
+        # a user's file: say what is wrong in one line, not a torch traceback
+        first = (str(e).splitlines() or [""])[0][:200]
         raise SystemExit(f"error: {path} is not a readable checkpoint of this project "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-run train.py to make one")
+                         f"({type(e).__name__}: {first}); re-run train.py to make one")
     return model, enc, cfg, ckpt
 
 
-# ----------------------------------------------------------------------------- training
+# ---- training
 
 
 def pick_device(name: str) -> str:
+    """--device: auto picks cuda (this process's GPU under torchrun), then mps, then cpu."""
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu or auto")
+            raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu "
+                             "or auto")
         return name
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -617,22 +703,19 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_frac + (1 - tc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def make_tokenizer_and_world(tc: TrainConfig, n_heldout: int):
-    enc = build_tokenizer(learn_merges(corpus_text(tc), n_merges=64))
-    heldout = eval_split("heldout", n_heldout, tc.max_digits)
-    return enc, heldout, World(enc, tc, set(heldout))
-
-
 def build_model(cfg: Config, enc: tiktoken.Encoding, device: str) -> Transformer:
+    """The Transformer of cfg.model, with the tokenizer's vocabulary, padding and stop ids."""
     m = cfg.model
-    m.vocab_size, m.pad_id = enc.n_vocab, special_id(enc, "<|pad|>")
+    m.vocab_size = enc.n_vocab
+    m.pad_id = special_id(enc, "<|pad|>")
     m.stop_ids = (special_id(enc, "</answer>"), special_id(enc, "<|eos|>"))
     return Transformer(m).to(device)
 
 
 def compile_for_training(model: nn.Module, ddp: nn.Module) -> nn.Module:
-    """torch.compile the (DDP-wrapped) model for training. The MoE layers switch to their per-expert loop:
-    torch._grouped_mm runs fp32 on a CPU, but its compile-time shape check accepts only bf16."""
+    """torch.compile the (DDP-wrapped) model for training. The MoE layers switch to their
+    per-expert loop: torch._grouped_mm runs fp32 on a CPU, but its compile-time shape check
+    accepts only bf16."""
     for m in model.modules():
         if isinstance(m, MoE):
             m.dispatch = "loop"
@@ -644,19 +727,50 @@ def log(msg: str, rank: int = 0) -> None:
         print(msg, flush=True)
 
 
-def train(cfg: Config, stop_at: int | None = None) -> dict:
-    """Pretrain; returns the summary dict. stop_at ends the run early (as if interrupted)."""
+def append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class Run:
+    """Everything one pretraining run holds between steps (made by setup)."""
+    cfg: Config
+    model: Transformer
+    ddp: nn.Module                # the model as trained: DDP-wrapped and/or compiled
+    opt: torch.optim.Optimizer
+    enc: tiktoken.Encoding
+    data: World | TextData        # batch(rows) and evaluate(model, final)
+    device: str
+    rank: int
+    world_size: int
+    start: int                    # the first step to run (resume)
+    ckpt_path: str
+    metrics_path: str
+
+
+def setup(cfg: Config) -> Run:
+    """Data, model, optimizer, and the checkpoint to resume from, for this process."""
     tc = cfg.train
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
     os.makedirs(tc.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "metrics.jsonl")
-    enc, heldout, world = make_text_data(tc) if tc.data else make_tokenizer_and_world(tc, tc.eval_n)
+    ckpt_path = os.path.join(tc.out, "ckpt.pt")
+    metrics_path = os.path.join(tc.out, "metrics.jsonl")
+    # 1. the data and its tokenizer: the world, or --data's text
+    if tc.data:
+        enc, _, data = make_text_data(tc)
+    else:
+        enc, _, data = make_tokenizer_and_world(tc, tc.eval_n)
+    # 2. the model; V3 §3.3: embedding, output head, gate and norms stay in high precision
     model = build_model(cfg, enc, device)
     if tc.fp8:
-        swap_to_fp8(model)        # V3 §3.3: embedding, output head, gate and norms stay in high precision
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+        swap_to_fp8(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
+                            weight_decay=tc.weight_decay)
+    # 3. resume, or start afresh (a fresh run's metrics start empty)
     start = 0
     if tc.resume and os.path.exists(ckpt_path):
         _, _, _, ckpt = load_checkpoint(ckpt_path, device)
@@ -667,161 +781,351 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
         log(f"resumed from {ckpt_path} at step {start}", rank)
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
-    total, active = param_counts(model)
-    log(f"model: {total:,} parameters, {active:,} active per token | vocab {enc.n_vocab} | device {device}"
-        f" | {world_size} process(es)", rank)
+    # 4. the model as trained: wrapped for DDP, compiled if asked
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     if tc.compile:
         ddp = compile_for_training(model, ddp)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    rows_per_step = tc.batch_size * tc.grad_accum * world_size
-    t0, tokens_seen, summary, last_log = time.time(), 0, {}, time.time()
-    for step in range(start, tc.steps if stop_at is None else min(stop_at, tc.steps)):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        for micro in range(tc.grad_accum):
-            first = step * rows_per_step + (micro * world_size + rank) * tc.batch_size
-            batch = world.batch(range(first, first + tc.batch_size)).to(device)
-            sync = micro == tc.grad_accum - 1 or world_size == 1
-            with autocast, (nullcontext() if sync else ddp.no_sync()):
-                loss, parts = ddp(batch[:, :-1], batch[:, 1:])
-                (loss / tc.grad_accum).backward()
-            tokens_seen += batch[:, 1:].numel() * world_size
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss became {loss.item()} at step {step}; the last good checkpoint "
-                             f"is kept at {ckpt_path}. Try a lower --lr or --grad-clip.")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        balance = update_gate_biases(model)      # once per optimizer step, from this step's loads
+    return Run(cfg, model, ddp, opt, enc, data, device, rank, world_size, start, ckpt_path,
+               metrics_path)
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, dict, dict]:
+    """One optimizer step: grad_accum micro-batches of this process's rows, clip, AdamW, then the
+    gate-bias update. Returns the last micro-batch's loss, its parts, and the balance stats."""
+    tc = run.cfg.train
+    autocast = nullcontext()
+    if run.device.startswith("cuda"):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(step, tc)
+    rows_per_step = tc.batch_size * tc.grad_accum * run.world_size
+    for micro in range(tc.grad_accum):
+        # row indices are global, so every process and every resume sees the same stream
+        first = step * rows_per_step + (micro * run.world_size + run.rank) * tc.batch_size
+        batch = run.data.batch(range(first, first + tc.batch_size)).to(run.device)
+        sync = micro == tc.grad_accum - 1 or run.world_size == 1
+        with autocast, (nullcontext() if sync else run.ddp.no_sync()):
+            loss, parts = run.ddp(batch[:, :-1], batch[:, 1:])
+            (loss / tc.grad_accum).backward()
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: loss became {loss.item()} at step {step}; the last good "
+                         f"checkpoint is kept at {run.ckpt_path}. Try a lower --lr or --grad-clip.")
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    # once per optimizer step, from this step's loads
+    balance = update_gate_biases(run.model)
+    return loss, parts, balance
+
+
+def evaluate_and_save(run: Run, done: int) -> dict:
+    """Evaluate on held-out data, log to metrics.jsonl, save the checkpoint; returns the figures."""
+    tc = run.cfg.train
+    ev = run.data.evaluate(run.model, final=done == tc.steps)
+    append_jsonl(run.metrics_path, {"step": done, **ev})
+    shown = [k for k in ev if not k.startswith(("harder_", "format_rate", "think_rate_think"))]
+    log(f"eval @ {done}: " + " | ".join(f"{k} {ev[k]:.4g}" for k in shown))
+    save_checkpoint(run.ckpt_path, run.model, run.opt, done, run.cfg, run.enc)
+    return ev
+
+
+def train(cfg: Config, stop_at: int | None = None) -> dict:
+    """Pretrain; returns the summary dict. stop_at ends the run early (as if interrupted)."""
+    tc = cfg.train
+    run = setup(cfg)
+    total, active = param_counts(run.model)
+    log(f"model: {total:,} parameters, {active:,} active per token | vocab {run.enc.n_vocab} | "
+        f"device {run.device} | {run.world_size} process(es)", run.rank)
+    t0 = time.time()
+    last_log = t0
+    tokens_seen = 0
+    summary = {}
+    end = tc.steps if stop_at is None else min(stop_at, tc.steps)
+    for step in range(run.start, end):
+        loss, parts, balance = train_step(run, step)
+        tokens_seen += tc.batch_size * tc.grad_accum * tc.seq_len * run.world_size
         done = step + 1
-        if rank == 0 and (done % tc.log_interval == 0 or done == tc.steps or time.time() - last_log > 10):
-            last_log, el = time.time(), time.time() - t0
-            tps = tokens_seen / el
+        if run.rank != 0:
+            continue
+        # log every log_interval steps, and never stay silent for more than 10 seconds
+        if done % tc.log_interval == 0 or done == tc.steps or time.time() - last_log > 10:
+            last_log = time.time()
+            el = last_log - t0
             row = {"step": done, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                   "lr": lr_at(step, tc), "tokens_per_s": tps, "elapsed_s": el,
+                   "lr": lr_at(step, tc), "tokens_per_s": tokens_seen / el, "elapsed_s": el,
                    **{k: float(v) for k, v in balance.items()}}
-            append_jsonl(metrics_path, row)
-            eta = el / (done - start) * (tc.steps - done)
+            append_jsonl(run.metrics_path, row)
+            eta = el / (done - run.start) * (tc.steps - done)
             log(f"step {done:5d}/{tc.steps} | loss {row['loss']:.4f} (ce {row['ce']:.4f}) | "
-                f"{tps:,.0f} tok/s | {el:.0f}s elapsed, ETA {eta:.0f}s")
-        if rank == 0 and (done % tc.eval_interval == 0 or done == tc.steps):
-            ev = world.evaluate(model) if tc.data else {**evaluate(model, enc, heldout, tc.max_digits),
-                                                        **world.evaluate(model)}
-            append_jsonl(metrics_path, {"step": done, **ev})
-            log(f"eval @ {done}: held-out loss {ev['heldout_loss']:.4f}" if tc.data else
-                f"eval @ {done}: accuracy (think) {ev['accuracy_think']:.3f} | accuracy (own choice) "
-                f"{ev['accuracy_greedy']:.3f} | think rate {ev['think_rate_greedy']:.3f} | "
-                f"length {ev['mean_length_greedy']:.1f} tokens | held-out loss {ev['heldout_loss']:.4f}")
-            save_checkpoint(ckpt_path, model, opt, done, cfg, enc)
+                f"{row['tokens_per_s']:,.0f} tok/s | {el:.0f}s elapsed, ETA {eta:.0f}s")
+        if done % tc.eval_interval == 0 or done == tc.steps:
+            ev = evaluate_and_save(run, done)
             summary = {"heldout_" + k if k.startswith("accuracy") else k: v for k, v in ev.items()}
-    if rank == 0 and summary:
+    if run.rank == 0 and summary:
         el = time.time() - t0
-        harder = {} if tc.data else evaluate(model, enc, eval_split("harder", tc.eval_n // 2, tc.max_digits),
-                                             tc.max_digits + 1)
-        summary.update(tokens_per_second=tokens_seen / el, params_total=total, params_active=active,
-                       wall_seconds=el, steps=tc.steps, final_loss=loss.item(),
-                       **{"harder_" + k: v for k, v in harder.items() if k.startswith("accuracy")})
+        summary.update(tokens_per_second=tokens_seen / el, params_total=total,
+                       params_active=active, wall_seconds=el, steps=tc.steps,
+                       final_loss=loss.item())
         with open(os.path.join(tc.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        plot_metrics(metrics_path, tc.out)
+        plot_metrics(run.metrics_path, tc.out)
         log(f"done in {el:.0f}s; summary in {os.path.join(tc.out, 'summary.json')}")
     return summary
 
 
-def append_jsonl(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def plot_metrics(metrics_path: str, out: str) -> None:
-    """pretrain.png. A bare Figure, not pyplot: saving a file must not switch a notebook's backend."""
+    """pretrain.png. A bare Figure, not pyplot: saving must not switch a notebook's backend."""
     from matplotlib.figure import Figure
     rows = [json.loads(line) for line in open(metrics_path)]
     train_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "accuracy_think" in r]
+    eval_rows = [r for r in rows if "heldout_loss" in r]
+    steps = [r["step"] for r in train_rows]
     fig = Figure(figsize=(10, 3.5))
     a1, a2 = fig.subplots(1, 2)
-    a1.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label="next-token CE")
-    a1.plot([r["step"] for r in train_rows], [r["mtp"] for r in train_rows], label="MTP loss (λ-weighted)")
+    a1.plot(steps, [r["ce"] for r in train_rows], label="next-token CE")
+    a1.plot(steps, [r["mtp"] for r in train_rows], label="MTP loss (λ-weighted)")
     a1.set(xlabel="step", ylabel="loss", title="pretraining loss")
     a1.legend()
-    for key, label in [("accuracy_think", "accuracy when made to think"),
-                       ("accuracy_greedy", "accuracy, own choice"), ("think_rate_greedy", "think rate")]:
-        a2.plot([r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o", label=label)
-    a2.set(xlabel="step", ylim=(-0.02, 1.02), title="held-out evaluation (greedy)")
+    curves = [("accuracy_think", "accuracy when made to think"),
+              ("accuracy_greedy", "accuracy, own choice"), ("think_rate_greedy", "think rate")]
+    if eval_rows and "accuracy_think" in eval_rows[0]:
+        for key, label in curves:
+            a2.plot([r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o",
+                    label=label)
+        a2.set(xlabel="step", ylim=(-0.02, 1.02), title="held-out evaluation (greedy)")
+    else:
+        a2.plot([r["step"] for r in eval_rows], [r["heldout_loss"] for r in eval_rows],
+                marker="o", label="held-out loss")
+        a2.set(xlabel="step", title="held-out next-token CE")
     a2.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "pretrain.png"), dpi=110)
 
 
-# ----------------------------------------------------------------------------- baseline for --bench
+# ---- benchmark
+
+
+def interleaved_median(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each zero-argument fn in fns. The calls are interleaved (a, b,
+    a, b, ...) so that a noisy, shared machine slows every candidate alike; compare ratios from
+    one call. The one timer of train.py, grpo.py and the notebooks."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 class GPTBlock(nn.Module):
-    """A plain dense GPT block (multi-head attention + SwiGLU) — the baseline MLA+MoE is compared to."""
+    """A plain dense GPT block (multi-head attention + SwiGLU), named like Block: the baseline
+    MLA + MoE is compared to."""
 
     def __init__(self, dim: int, n_heads: int, inter_dim: int):
         super().__init__()
         self.n_heads = n_heads
-        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
-        self.mlp = MLP(dim, inter_dim)
+        self.attn_norm = nn.RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.ffn_norm = nn.RMSNorm(dim)
+        self.ffn = MLP(dim, inter_dim)
+
+    def attn(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, -1).unbind(2)       # [B, T, H, hd]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)            # [B, H, T, hd]
+        return self.wo(y.transpose(1, 2).reshape(B, T, D))
 
     def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, -1).unbind(2)   # [B, T, H, hd]
-        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
 
 
-def bench(cfg: Config, n_iters: int = 10) -> dict:
-    """Training tokens/s (forward + backward) of our model vs a dense GPT of the same width and depth
-    whose FFN is sized so its parameter count equals our ACTIVE parameter count."""
-    tc, m = cfg.train, cfg.model
+def bench(cfg: Config, repeats: int = 10) -> dict:
+    """Training tokens/s (forward + backward) of our model vs a dense GPT of the same width and
+    depth whose FFN is sized so its parameter count equals our ACTIVE parameter count."""
+    tc = cfg.train
+    m = cfg.model
     enc, _, world = make_tokenizer_and_world(tc, 16)
     ours = build_model(cfg, enc, "cpu")
     _, active = param_counts(ours)
-    per_layer = (active - 2 * m.vocab_size * m.dim) / m.n_layers      # non-embedding, per layer
+    # non-embedding parameters per layer; attention 4 dim^2, SwiGLU 3 dim inter
+    per_layer = (active - 2 * m.vocab_size * m.dim) / m.n_layers
     inter = max(8, round((per_layer - 4 * m.dim * m.dim) / (3 * m.dim)))
-    dense = nn.Sequential(nn.Embedding(m.vocab_size, m.dim),
-                          *[GPTBlock(m.dim, m.mla.n_heads, inter) for _ in range(m.n_layers)],
-                          nn.RMSNorm(m.dim), nn.Linear(m.dim, m.vocab_size, bias=False))
+    blocks = [GPTBlock(m.dim, m.mla.n_heads, inter) for _ in range(m.n_layers)]
+    dense = nn.Sequential(nn.Embedding(m.vocab_size, m.dim), *blocks, nn.RMSNorm(m.dim),
+                          nn.Linear(m.dim, m.vocab_size, bias=False))
     batch = world.batch(range(tc.batch_size))
-    x, y = batch[:, :-1], batch[:, 1:]
-    steps = {"ours": lambda: ours(x, y)[0].backward(),
-             "dense": lambda: F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).backward()}
-    times = {k: [] for k in steps}
-    for i in range(n_iters + 2):
-        for k, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            if i >= 2:
-                times[k].append(time.perf_counter() - t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"tokens_per_s_ours": x.numel() / med["ours"], "tokens_per_s_dense": x.numel() / med["dense"],
-            "params_active_ours": active, "params_dense": sum(p.numel() for p in dense.parameters()),
+    x = batch[:, :-1]
+    y = batch[:, 1:]
+
+    def step_ours():
+        ours(x, y)[0].backward()
+
+    def step_dense():
+        F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).backward()
+
+    med = interleaved_median({"ours": step_ours, "dense": step_dense}, repeats, warmup=2)
+    return {"tokens_per_s_ours": x.numel() / med["ours"],
+            "tokens_per_s_dense": x.numel() / med["dense"],
+            "params_active_ours": active,
+            "params_dense": sum(p.numel() for p in dense.parameters()),
             "slowdown_vs_dense": med["ours"] / med["dense"]}
 
 
-# ----------------------------------------------------------------------------- command line
+# ---- Hugging Face interop
+
+# Hugging Face DeepseekV3 parameter names -> ours, applied in order (gate_up_proj first: it holds
+# "up_proj").
+HF_NAMES = [
+    ("gate_up_proj", "w13"), ("model.embed_tokens", "embed"), ("model.norm", "norm"),
+    ("lm_head", "head"), ("model.layers", "layers"), ("self_attn.q_proj", "attn.wq"),
+    ("self_attn.q_a_proj", "attn.wq_a"), ("self_attn.q_a_layernorm", "attn.q_norm"),
+    ("self_attn.q_b_proj", "attn.wq_b"), ("self_attn.kv_a_proj_with_mqa", "attn.wkv_a"),
+    ("self_attn.kv_a_layernorm", "attn.kv_norm"), ("self_attn.kv_b_proj", "attn.wkv_b"),
+    ("self_attn.o_proj", "attn.wo"), ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"), ("mlp.", "ffn."), ("gate_proj", "w1"),
+    ("up_proj", "w3"), ("down_proj", "w2"), ("e_score_correction_bias", "bias")]
+
+
+def check_hf_config(hf_model: nn.Module) -> None:
+    """Raise ValueError naming any option of an HF DeepseekV3 config we do not implement."""
+    c = hf_model.config
+    rope = hf_rope(c)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    for bad, option in [
+            (c.tie_word_embeddings, "tie_word_embeddings=True (V3 has a separate output head)"),
+            (c.attention_bias, "attention_bias=True (MLA's projections have no bias)"),
+            (rope_type != "default",
+             f"rope scaling {rope} (YaRN is not implemented: use rope_type 'default')"),
+            (c.hidden_act != "silu",
+             f"hidden_act={c.hidden_act!r} (the experts are SwiGLU: 'silu')"),
+            (not c.norm_topk_prob, "norm_topk_prob=False (V3 normalises the sigmoid gate weights)"),
+            (c.rms_norm_eps != 1e-6, f"rms_norm_eps={c.rms_norm_eps} (HF's q/kv norms keep 1e-6)"),
+            (not hasattr(hf_model, "lm_head"), "model without lm_head (pass a "
+                                               "DeepseekV3ForCausalLM)")]:
+        if bad:
+            raise ValueError(f"Transformer.from_hf: unsupported {option}")
+
+
+def hf_rope(c) -> dict:
+    """The RoPE settings of an HF config (transformers 5 names them rope_parameters)."""
+    return dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+
+
+def args_from_hf(c) -> ModelArgs:
+    """ModelArgs equal to an HF DeepseekV3 config (no MTP modules, no stop ids)."""
+    rope = hf_rope(c)
+    mla = MLAConfig(n_heads=c.num_attention_heads, q_lora_rank=c.q_lora_rank or 0,
+                    kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+                    qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
+                    rope_theta=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    moe = MoEConfig(moe_inter_dim=c.moe_intermediate_size, n_routed_experts=c.n_routed_experts,
+                    n_shared_experts=c.n_shared_experts, n_activated_experts=c.num_experts_per_tok,
+                    n_expert_groups=c.n_group or 1, n_limited_groups=c.topk_group or 1,
+                    route_scale=c.routed_scaling_factor)
+    return ModelArgs(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+                     n_dense_layers=c.first_k_dense_replace, inter_dim=c.intermediate_size,
+                     max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
+                     pad_id=c.pad_token_id or 0, mla=mla, moe=moe, mtp=MTPConfig(n_mtp_depth=0))
+
+
+def from_hf(cls, hf_model: nn.Module) -> Transformer:
+    """Our model with the config and weights of a Hugging Face DeepseekV3ForCausalLM (float32, no
+    MTP modules, no stop ids). Raises ValueError naming any config option we do not implement."""
+    check_hf_config(hf_model)
+    c = hf_model.config
+    model = cls(args_from_hf(c))
+    H = c.num_attention_heads
+    dn = c.qk_nope_head_dim
+    dr = c.qk_rope_head_dim
+    kv = c.kv_lora_rank
+    # HF's non-interleaved RoPE rotates pairs (x_i, x_i+d/2), ours (official) (x_2i, x_2i+1):
+    # reorder the rope rows of the query and key projections
+    rows = slice(None)
+    if not getattr(c, "rope_interleave", True):
+        rows = torch.arange(dr).view(2, -1).T.flatten()
+    sd = {}
+    for name, w in hf_model.state_dict().items():
+        # n_shared_experts = 0: HF keeps empty Linears
+        if w.numel() == 0:
+            continue
+        for theirs, ours in HF_NAMES:
+            name = name.replace(theirs, ours)
+        w = w.detach().float().clone()
+        if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
+            w.view(H, dn + dr, -1)[:, dn:] = w.view(H, dn + dr, -1)[:, dn:][:, rows]
+        elif name.endswith("attn.wkv_a.weight"):
+            w[kv:] = w[kv:][rows]
+        m = re.match(r"(.*experts)\.(\d+)\.(w\d)\.weight", name)
+        if name.endswith("experts.w13"):
+            # [E, 2 inter, dim] = [gate; up]
+            sd[name[:-2] + "1"], sd[name[:-2] + "3"] = w.chunk(2, dim=1)
+        elif m:
+            # transformers 4.x: a module per expert, stacked below
+            sd.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = w
+        else:
+            sd[name] = w
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            sd[k] = torch.stack([v[i] for i in sorted(v)])
+    model.load_state_dict(sd)
+    return model
+
+
+# Defined here, in the interop section, and attached as Transformer.from_hf (the documented name).
+Transformer.from_hf = classmethod(from_hf)
+
+
+# ---- command line
+
+# Sub-config fields that follow ModelArgs and so get no flag of their own.
+DERIVED = {"dim", "max_seq_len", "norm_eps"}
+# Set from the tokenizer, never by a flag.
+FROM_TOKENIZER = {"vocab_size", "pad_id", "stop_ids"}
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each dataclass field's description: the comment on its line in cls's source, else the
+    comment lines just above it. The dataclass is the one place a flag is described."""
+    helps = {}
+    above = []
+    for line in inspect.getsource(cls).splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            above.append(s.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:\s*[^=]+=", s)
+        # a field's trailing comment starts at two spaces and a '#' (no default holds that)
+        trailing = s.partition("  #")[2].strip(" #")
+        if m:
+            helps[m[1]] = trailing or " ".join(above)
+        above = []
+    return helps
 
 
 def add_flags(parser: argparse.ArgumentParser, dc, skip=()) -> None:
-    """One flag per dataclass field (--n-layers for n_layers), recursing into sub-configs."""
+    """One flag per dataclass field (--n-layers for n_layers), recursing into sub-configs; each
+    flag's help is the field's comment and its default, once."""
+    helps = field_help(type(dc))
     for f in fields(dc):
         value = getattr(dc, f.name)
-        if is_dataclass(value):   # sub-configs of ModelArgs follow its dim etc.: no flags for those
+        flag = "--" + f.name.replace("_", "-")
+        if is_dataclass(value):
+            # sub-configs of ModelArgs follow its dim etc.: no flags for those
             add_flags(parser, value, DERIVED if isinstance(dc, ModelArgs) else ())
-        elif f.name in skip or f.name in ("vocab_size", "pad_id", "stop_ids"):
+        elif f.name in skip or f.name in FROM_TOKENIZER:
             continue
         elif isinstance(value, bool):
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=value,
-                                action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag, dest=f.name, default=value,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{helps.get(f.name, '')} (default: {value})".strip())
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(value), default=value,
-                                help=f"(default {value})")
+            parser.add_argument(flag, dest=f.name, type=type(value), default=value,
+                                help=f"{helps.get(f.name, '')} (default: {value!r})".strip())
 
 
 def apply_flags(dc, args: argparse.Namespace, skip=()) -> None:
@@ -833,15 +1137,25 @@ def apply_flags(dc, args: argparse.Namespace, skip=()) -> None:
             setattr(dc, f.name, getattr(args, f.name))
 
 
-def config_from_flags(cfg, argv: list[str] | None, description: str, check=None):
-    """Fill the dataclass cfg from flags generated from its fields; check(cfg) (default cfg.validate())
-    raising ValueError becomes argparse's one-line usage error. Shared by train, grpo and distill."""
-    parser = argparse.ArgumentParser(description=description.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's layout kept; each flag's default shown once (add_flags writes it)."""
+
+    def _get_help_string(self, action):
+        return action.help or ""
+
+
+def validate_config(cfg) -> None:
+    cfg.validate()
+
+
+def config_from_flags(cfg, argv: list[str] | None, description: str, check=validate_config):
+    """Fill the dataclass cfg from flags generated from its fields; check(cfg) raising ValueError
+    becomes argparse's one-line usage error. Shared by train, grpo and distill."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_flags(parser, cfg)
     apply_flags(cfg, parser.parse_args(argv))
     try:
-        (check or (lambda c: c.validate()))(cfg)
+        check(cfg)
     except ValueError as e:
         parser.error(str(e))
     return cfg
@@ -854,26 +1168,37 @@ def check_config(cfg: Config) -> None:
     tc = cfg.train
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_n", "max_digits"):
         if getattr(tc, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive (got {getattr(tc, name)})")
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be positive (got {getattr(tc, name)})")
     if tc.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds --max-seq-len {cfg.model.max_seq_len}")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from flags. --tiny and --student choose the starting config whose values the other
+    flags default to (and override)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--student", action="store_true")
-    cfg = student_config() if pre.parse_known_args(argv)[0].student else Config()   # the flags' defaults
+    pre.add_argument("--tiny", action="store_true")
+    known = pre.parse_known_args(argv)[0]
+    if known.tiny:
+        cfg = tiny_config(student=known.student)
+    elif known.student:
+        cfg = student_config()
+    else:
+        cfg = Config()
     return config_from_flags(cfg, argv, __doc__, check_config)
 
 
 def sample_main(cfg: Config) -> None:
+    """--sample PROMPT: greedy and three T = 1 completions from <out>/ckpt.pt."""
     model, enc, ckpt_cfg, _ = load_checkpoint(os.path.join(cfg.train.out, "ckpt.pt"))
     model.eval()
-    plain = cfg.train.sample.startswith("<|bos|>") or ckpt_cfg.train.data        # --data models: no <|bos|>
+    # --data models were trained without <|bos|>
+    plain = cfg.train.sample.startswith("<|bos|>") or ckpt_cfg.train.data
     prompt = cfg.train.sample if plain else "<|bos|>" + cfg.train.sample
     g = torch.Generator().manual_seed(cfg.train.seed)
-    n_new = model.args.max_seq_len - len(encode(enc, prompt)) - 1
-    n_new = min(n_new, 160)
+    n_new = min(model.args.max_seq_len - len(encode(enc, prompt)) - 1, 160)
     print(f"prompt: {prompt}")
     print(f"greedy : {generate_texts(model, enc, [prompt], n_new)[0]}")
     for r in generate_texts(model, enc, [prompt] * 3, n_new, temperature=1.0, generator=g):
@@ -882,19 +1207,22 @@ def sample_main(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     if cfg.train.sample:
         return sample_main(cfg)
     if cfg.train.bench:
-        r = bench(cfg)
-        print(json.dumps(r, indent=2))
+        print(json.dumps(bench(cfg), indent=2))
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if torch.cuda.is_available():       # before init: NCCL binds each process to its own GPU
+        # before init: NCCL binds each process to its own GPU
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(cfg)
-        if dist.is_initialized():   # rank 0 still evaluates and saves: tearing gloo down under it aborts
+        # rank 0 still evaluates and saves: tearing gloo down under it aborts the other ranks
+        if dist.is_initialized():
             dist.barrier()
     finally:
         if dist.is_initialized():

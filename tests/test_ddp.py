@@ -17,10 +17,7 @@ pytestmark = pytest.mark.train
 torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a shared CPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim", "32", "--n-layers", "2", "--n-dense-layers", "1", "--inter-dim", "64", "--n-heads", "2",
-        "--kv-lora-rank", "16", "--qk-nope-head-dim", "8", "--qk-rope-head-dim", "4", "--v-head-dim", "8",
-        "--moe-inter-dim", "16", "--n-routed-experts", "4", "--n-activated-experts", "2", "--max-seq-len", "128",
-        "--seq-len", "64", "--max-digits", "2", "--eval-n", "2", "--eval-interval", "1000", "--log-interval", "1",
+TINY = ["--tiny", "--batch-size", "16", "--eval-n", "2", "--eval-interval", "1000", "--log-interval", "1",
         "--warmup", "1", "--device", "cpu"]
 # float32, the same sums in another order (gloo all-reduces two half-batch gradients; one process sums
 # the whole batch at once), through 3 AdamW steps, which rescale small gradients to full-size updates:

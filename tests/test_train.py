@@ -15,12 +15,8 @@ torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a shared C
 
 def tiny_config(tmp_path, **train_kw) -> train.Config:
     """A model of a few thousand parameters; every component (MLA, dense FFN, MoE, MTP) present."""
-    args = train.parse_config([
-        "--dim", "32", "--n-layers", "2", "--n-dense-layers", "1", "--inter-dim", "64",
-        "--n-heads", "2", "--kv-lora-rank", "16", "--qk-nope-head-dim", "8", "--qk-rope-head-dim", "4",
-        "--v-head-dim", "8", "--moe-inter-dim", "16", "--n-routed-experts", "4",
-        "--n-activated-experts", "2", "--max-seq-len", "256", "--seq-len", "64", "--batch-size", "4",
-        "--max-digits", "2", "--eval-n", "4", "--log-interval", "1", "--out", str(tmp_path / "run")])
+    args = train.parse_config(["--tiny", "--max-seq-len", "256", "--batch-size", "4", "--eval-n", "4",
+                               "--log-interval", "1", "--out", str(tmp_path / "run")])
     for k, v in train_kw.items():
         setattr(args.train, k, v)
     return args
