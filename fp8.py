@@ -1,12 +1,23 @@
 """Block-scaled FP8 training in miniature (DeepSeek-V3 §3.3 and Appendix B).
 
+Sections (each fenced `# ---- name`):
+  formats       E4M3, E5M2, BLOCK (the tile size and promotion interval), the amax floors
+  quantization  pow2_ceil, quantize, dequantize, act_quant, act_dequant, weight_quant,
+                weight_dequant
+  GEMM          fp8_backend, gemm_simulated, gemm_rowwise, blockwise_args, fp8_gemm
+  accumulation  truncate_mantissa, tensor_core_matmul (why promotion is needed)
+  Fp8Linear     fp8_linear, Fp8Linear, swap_to_fp8 (the three GEMMs of a Linear in FP8)
+  demo          outlier_errors, train_tiny, cuda_speed, demo() and the CLI (not needed to
+                understand FP8)
+
 FP8 keeps 8 bits per number. E4M3 (4 exponent bits, 3 mantissa bits, max 448) is precise but has a
 narrow range, so a tensor is stored as FP8 values times FP32 *scales*: q = x / s, s = amax / 448.
 One outlier makes amax large, s large, and pushes every ordinary value of its group towards zero.
 DeepSeek-V3 therefore scales small groups (§3.3.2) and uses E4M3 for every tensor:
 
     activations and gradients: 1×128 tiles along the contraction dim, s = max(amax, floor) / 448
-                               (floor 1e-4 for activations as in the official kernel, ~0 for gradients)
+                               (floor 1e-4 for activations as in the official kernel, ~0 for
+                               gradients)
     weights:                   128×128 blocks
     UE8M0 scales (V3.1):       s rounded UP to a power of two, 2^ceil(log2 s), so amax/s <= 448
 
@@ -41,15 +52,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-BLOCK = 128          # tile size of the official kernels, and N_C, the promotion interval
-AMAX_FLOOR = 1e-4    # an all-zero tile still gets a finite scale (official act_quant, for activations)
-GRAD_AMAX_FLOOR = 1e-30  # gradients are ~1e-11..1e-5 here (notebook 04): a 1e-4 floor would crush them
+# ---- formats
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+# The tile size of the official kernels, and N_C, the promotion interval.
+BLOCK = 128
+# An all-zero tile still gets a finite scale (official act_quant, for activations).
+AMAX_FLOOR = 1e-4
+# Gradients are ~1e-11..1e-5 here (notebook 04): a 1e-4 floor would crush them.
+GRAD_AMAX_FLOOR = 1e-30
 
 
-# ----------------------------------------------------------------------------- quantization
+# ---- quantization
 def pow2_ceil(s: Tensor) -> Tensor:
-    """Round positive scales UP to a power of two (UE8M0); a nearest-rounding cast can overflow 448."""
+    """Round positive scales UP to a power of two (UE8M0); a nearest cast can overflow 448."""
     m, e = torch.frexp(s)                                        # s = m * 2**e, 0.5 <= m < 1
     return torch.ldexp(torch.ones_like(s), torch.where(m == 0.5, e - 1, e))
 
@@ -66,17 +82,22 @@ def quantize(x: Tensor, tile: tuple[int, int], scale_fmt: str | None = None,
     if scale_fmt not in (None, "ue8m0"):
         raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     if x.dim() < 2 or not x.is_floating_point():
-        raise ValueError(f"quantize needs a float tensor [..., R, C], got {x.dtype} {tuple(x.shape)}")
-    (r, c), (R, C), fmax = tile, x.shape[-2:], torch.finfo(dtype).max
+        raise ValueError(f"quantize needs a float tensor [..., R, C], "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    r, c = tile
+    R, C = x.shape[-2:]
+    fmax = torch.finfo(dtype).max
     if r < 1 or c < 1:
         raise ValueError(f"tile sizes must be positive, got {tile}")
-    ### BEGIN SOLUTION: tile-wise quantisation: s = max(amax, amax_floor) / fmax per tile, q = x / s (DeepSeek-V3 §3.3.2)
-    xp = F.pad(x.float(), (0, -C % c, 0, -R % r))                # zeros: no effect on any amax
+    ### BEGIN SOLUTION: tile-wise quantisation: s = max(amax, floor) / fmax, q = x / s (V3 §3.3.2)
+    # Zero padding changes no amax.
+    xp = F.pad(x.float(), (0, -C % c, 0, -R % r))
     t = xp.unflatten(-1, (-1, c)).unflatten(-3, (-1, r))         # [..., R/r, r, C/c, c]
     s = t.abs().amax(dim=(-3, -1)).clamp(min=amax_floor) / fmax  # [..., R/r, C/c]
     if scale_fmt == "ue8m0":
         s = pow2_ceil(s)
-    q = (t / s[..., :, None, :, None]).clamp(-fmax, fmax)       # clamp: cast overflow is version-dependent
+    # Clamp before the cast: what a cast does on overflow depends on the torch version.
+    q = (t / s[..., :, None, :, None]).clamp(-fmax, fmax)
     q = q.flatten(-2).flatten(-3, -2)[..., :R, :C]               # [..., R, C]
     return q.to(dtype).contiguous(), s
     ### END SOLUTION
@@ -91,7 +112,7 @@ def dequantize(q: Tensor, s: Tensor, tile: tuple[int, int]) -> Tensor:
 
 def act_quant(x: Tensor, block_size: int = BLOCK, scale_fmt: str | None = None,
               dtype: torch.dtype = E4M3, amax_floor: float = AMAX_FLOOR) -> tuple[Tensor, Tensor]:
-    """1×block_size tiles along the last dim. x [..., K] -> (x_fp8 [..., K], scales [..., ceil(K/128)])."""
+    """1×block_size tiles: x [..., K] -> (x_fp8 [..., K], scales [..., ceil(K/128)])."""
     q, s = quantize(x.unsqueeze(-2), (1, block_size), scale_fmt, dtype, amax_floor)
     return q.squeeze(-2), s.squeeze(-2)
 
@@ -114,7 +135,7 @@ def weight_dequant(w_fp8: Tensor, scales: Tensor, block_size: int = BLOCK) -> Te
     return dequantize(w_fp8, scales, (block_size, block_size))
 
 
-# ----------------------------------------------------------------------------- GEMM
+# ---- GEMM
 def fp8_backend(device: torch.device | int | None = None) -> str:
     """What fp8_gemm uses for CUDA tensors here: "cuda-blockwise" | "cuda-rowwise" | "simulated".
 
@@ -124,7 +145,8 @@ def fp8_backend(device: torch.device | int | None = None) -> str:
     if os.environ.get("FP8_BACKEND"):
         choice = os.environ["FP8_BACKEND"]
         if choice not in ("cuda-blockwise", "cuda-rowwise", "simulated"):
-            raise ValueError(f"FP8_BACKEND={choice!r}: set it to cuda-blockwise, cuda-rowwise or simulated")
+            raise ValueError(f"FP8_BACKEND={choice!r}: set it to cuda-blockwise, cuda-rowwise "
+                             f"or simulated")
         return choice
     if not torch.cuda.is_available() or torch.version.hip or not torch.version.cuda:
         return "simulated"
@@ -135,6 +157,11 @@ def fp8_backend(device: torch.device | int | None = None) -> str:
     return "cuda-rowwise" if cap >= (8, 9) else "simulated"
 
 
+def _ceil_div(n: int, d: int) -> int:
+    """ceil(n / d) for positive integers: the number of d-wide tiles that cover n."""
+    return -(-n // d)
+
+
 def _pad_fp8(t: Tensor, rows: int, cols: int) -> Tensor:
     """Zero-pad a 2-D FP8 tensor (through its bytes: 0x00 is +0.0) to [rows, cols]."""
     if tuple(t.shape) == (rows, cols):
@@ -142,46 +169,67 @@ def _pad_fp8(t: Tensor, rows: int, cols: int) -> Tensor:
     return F.pad(t.view(torch.uint8), (0, cols - t.shape[1], 0, rows - t.shape[0])).view(t.dtype)
 
 
-def _gemm_simulated(a: Tensor, a_s: Tensor, b: Tensor, b_s_rows: Tensor) -> Tensor:
+def gemm_simulated(a: Tensor, a_s: Tensor, b: Tensor, b_s_rows: Tensor) -> Tensor:
     """a [M, K], a_s [M, Kb], b [N, K], b_s_rows [N, Kb] -> FP32 [M, N], promoted every 128."""
-    ### BEGIN SOLUTION: the FP8 GEMM: per-128-wide K block products, scaled and summed in FP32 (DeepSeek-V3 §3.3.2)
-    (M, K), N, kb = a.shape, b.shape[0], a_s.shape[1]
+    ### BEGIN SOLUTION: the FP8 GEMM: per-128-wide K block products, summed in FP32 (V3 §3.3.2)
+    M, K = a.shape
+    N = b.shape[0]
+    kb = a_s.shape[1]
     A = F.pad(a.float(), (0, kb * BLOCK - K)).view(M, kb, BLOCK).transpose(0, 1)   # [Kb, M, 128]
     B = F.pad(b.float(), (0, kb * BLOCK - K)).view(N, kb, BLOCK).permute(1, 2, 0)  # [Kb, 128, N]
-    partial = torch.bmm(A, B)                      # [Kb, M, N]: one tensor-core pass per K block
-    return (partial * a_s.T[:, :, None] * b_s_rows.T[:, None, :]).sum(0)  # scale, add in FP32
+    # One tensor-core pass per K block, then each block's product scaled and added in FP32.
+    partial = torch.bmm(A, B)                                                      # [Kb, M, N]
+    return (partial * a_s.T[:, :, None] * b_s_rows.T[:, None, :]).sum(0)
     ### END SOLUTION
 
 
-def _gemm_rowwise(a: Tensor, a_s: Tensor, b: Tensor, b_s_rows: Tensor) -> Tensor:
+def gemm_rowwise(a: Tensor, a_s: Tensor, b: Tensor, b_s_rows: Tensor) -> Tensor:
     """The same sum with one row-wise torch._scaled_mm per 128-wide K block (sm_89+, and CPU)."""
-    (M, K), N, kb = a.shape, b.shape[0], a_s.shape[1]
-    Np = -(-N // 16) * 16                                        # cuBLAS wants N % 16 == 0
-    a, b = _pad_fp8(a, M, kb * BLOCK), _pad_fp8(b, Np, kb * BLOCK)
+    M = a.shape[0]
+    N = b.shape[0]
+    kb = a_s.shape[1]
+    # cuBLAS wants N % 16 == 0.
+    Np = _ceil_div(N, 16) * 16
+    a = _pad_fp8(a, M, kb * BLOCK)
+    b = _pad_fp8(b, Np, kb * BLOCK)
     sb = F.pad(b_s_rows, (0, 0, 0, Np - N), value=1.0)          # [Np, Kb]
     out = torch.zeros(M, Np, dtype=torch.float32, device=a.device)
-    for k in range(kb):                                          # promotion: FP32 sum over blocks
+    # Promotion: the FP32 sum over K blocks happens here, outside the matmul.
+    for k in range(kb):
         blk = slice(k * BLOCK, (k + 1) * BLOCK)
-        out += torch._scaled_mm(a[:, blk].contiguous(), b[:, blk].contiguous().t(),  # row- x col-major
+        # A row-major, B column-major, as _scaled_mm requires.
+        out += torch._scaled_mm(a[:, blk].contiguous(), b[:, blk].contiguous().t(),
                                 scale_a=a_s[:, k:k + 1].contiguous(),
-                                scale_b=sb[:, k].reshape(1, Np).contiguous(), out_dtype=torch.float32)
+                                scale_b=sb[:, k].reshape(1, Np).contiguous(),
+                                out_dtype=torch.float32)
     return out[:, :N]
 
 
-def _blockwise_args(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor) -> tuple:
-    """Arguments for F.scaled_mm in cuBLAS's DeepSeek layout (torch test_scaled_matmul_cuda.py):
+def blockwise_args(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor) -> tuple:
+    """Arguments for F.scaled_mm in cuBLAS's DeepSeek layout (torch test_scaled_matmul_cuda.py).
+
     A row-major, B column-major; 1×128 scales outer-dim-major (stride (1, M)); 128×128 scales
-    [L4 = round_up(Kb, 4), N/128] with stride (1, L4). M, N are padded to 16s, K to whole tiles."""
-    (M, K), N, kb = a.shape, b.shape[0], a_s.shape[1]
-    Mp, per_row = -(-M // 16) * 16, b_s.shape[0] == N                 # cuBLAS: dims % 16 == 0
-    Np = -(-N // 16) * 16 if per_row else b_s.shape[0] * BLOCK
-    a, b = _pad_fp8(a, Mp, kb * BLOCK), _pad_fp8(b, Np, kb * BLOCK)
+    [L4 = round_up(Kb, 4), N/128] with stride (1, L4). M, N are padded to 16s, K to whole tiles.
+    """
+    M = a.shape[0]
+    N = b.shape[0]
+    kb = a_s.shape[1]
+    per_row = b_s.shape[0] == N
+    # cuBLAS wants every dim % 16 == 0.
+    Mp = _ceil_div(M, 16) * 16
+    Np = _ceil_div(N, 16) * 16 if per_row else b_s.shape[0] * BLOCK
+    a = _pad_fp8(a, Mp, kb * BLOCK)
+    b = _pad_fp8(b, Np, kb * BLOCK)
     sa = F.pad(a_s, (0, 0, 0, Mp - M), value=1.0).t().contiguous().t()             # [Mp, Kb]
-    if per_row:                                                                     # 1×128 × 1×128
-        sb, rb = F.pad(b_s, (0, 0, 0, Np - N), value=1.0).t().contiguous().t(), "BlockWise1x128"
-    else:                                                                           # 1×128 × 128×128
-        sb, rb = F.pad(b_s, (0, -kb % 4), value=1.0).t(), "BlockWise128x128"      # [L4, Nb]
-    return (a, b.t(), sa, F.ScalingType.BlockWise1x128, sb, getattr(F.ScalingType, rb))
+    if per_row:
+        # 1×128 × 1×128 (Wgrad)
+        sb = F.pad(b_s, (0, 0, 0, Np - N), value=1.0).t().contiguous().t()         # [Np, Kb]
+        recipe_b = F.ScalingType.BlockWise1x128
+    else:
+        # 1×128 × 128×128 (Fprop, Dgrad)
+        sb = F.pad(b_s, (0, -kb % 4), value=1.0).t()                              # [L4, Nb]
+        recipe_b = F.ScalingType.BlockWise128x128
+    return (a, b.t(), sa, F.ScalingType.BlockWise1x128, sb, recipe_b)
 
 
 def fp8_gemm(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor,
@@ -192,28 +240,38 @@ def fp8_gemm(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor,
         [ceil(N/128), ceil(K/128)] (128×128 blocks) or [N, ceil(K/128)] (1×128 tiles, for Wgrad).
     Returns: [..., N] in out_dtype. CPU tensors use the pure-PyTorch path; CUDA ones fp8_backend().
     """
-    K, N, kb = a.shape[-1], b.shape[0], -(-a.shape[-1] // BLOCK)
+    # 1. Check the shapes, before anything deep inside torch can fail on them.
+    K = a.shape[-1]
+    N = b.shape[0]
+    kb = _ceil_div(K, BLOCK)
     if b.dim() != 2 or b.shape[1] != K:
         raise ValueError(f"fp8_gemm: b must be [N, K={K}], got {tuple(b.shape)}")
     if tuple(a_s.shape) != (*a.shape[:-1], kb):
-        raise ValueError(f"fp8_gemm: a_s must be {(*a.shape[:-1], kb)} (1x128 tiles), got {tuple(a_s.shape)}")
-    if tuple(b_s.shape) not in ((-(-N // BLOCK), kb), (N, kb)):
-        raise ValueError(f"fp8_gemm: b_s must be {(-(-N // BLOCK), kb)} or {(N, kb)}, got {tuple(b_s.shape)}")
-    a2, a_s2 = a.reshape(-1, K), a_s.reshape(-1, kb).float()
+        raise ValueError(f"fp8_gemm: a_s must be {(*a.shape[:-1], kb)} (1x128 tiles), "
+                         f"got {tuple(a_s.shape)}")
+    if tuple(b_s.shape) not in ((_ceil_div(N, BLOCK), kb), (N, kb)):
+        raise ValueError(f"fp8_gemm: b_s must be {(_ceil_div(N, BLOCK), kb)} or {(N, kb)}, "
+                         f"got {tuple(b_s.shape)}")
+    # 2. Flatten a's leading dims; give every row of b its own scale (one per 128-block row).
+    a2 = a.reshape(-1, K)
+    a_s2 = a_s.reshape(-1, kb).float()
     b_s_rows = b_s.float() if b_s.shape[0] == N else b_s.float().repeat_interleave(BLOCK, 0)[:N]
+    # 3. Multiply on the best path this device has.
     backend = fp8_backend(a.device) if a.is_cuda else "simulated"
-    if backend == "cuda-blockwise":   # bf16 out, as in the official kernel and torch's own tests
-        y = F.scaled_mm(*_blockwise_args(a2, a_s2, b, b_s.float()), output_dtype=torch.bfloat16)
+    if backend == "cuda-blockwise":
+        # bf16 out, as in the official kernel and torch's own tests.
+        y = F.scaled_mm(*blockwise_args(a2, a_s2, b, b_s.float()), output_dtype=torch.bfloat16)
         y = y[:a2.shape[0], :N]
     elif backend == "cuda-rowwise":
-        y = _gemm_rowwise(a2, a_s2, b, b_s_rows)
+        y = gemm_rowwise(a2, a_s2, b, b_s_rows)
     else:
-        y = _gemm_simulated(a2, a_s2, b, b_s_rows)
+        y = gemm_simulated(a2, a_s2, b, b_s_rows)
     return y.to(out_dtype).reshape(*a.shape[:-1], N)
 
 
+# ---- accumulation
 def truncate_mantissa(x: Tensor, bits: int) -> Tensor:
-    """Keep `bits` significant bits of x (round toward zero), like an e8m13 accumulator for bits=14."""
+    """Keep `bits` significant bits of x (round toward zero), like an e8m13 accumulator (14)."""
     m, e = torch.frexp(x)
     return torch.ldexp(torch.trunc(m * 2.0 ** bits) / 2.0 ** bits, e)
 
@@ -226,25 +284,34 @@ def tensor_core_matmul(a: Tensor, b: Tensor, acc_bits: int = 14, mma_k: int = 32
     that keeps acc_bits significant bits; with promote_every (a multiple of mma_k) the accumulator
     is added to an FP32 register and reset every promote_every elements of K.
     """
-    (M, K), N = a.shape, b.shape[0]
+    M, K = a.shape
+    N = b.shape[0]
     if K % mma_k or (promote_every and promote_every % mma_k):
-        raise ValueError(f"K={K} and promote_every={promote_every} must be multiples of mma_k={mma_k}")
-    steps = torch.einsum("msk,nsk->smn", a.double().view(M, -1, mma_k), b.double().view(N, -1, mma_k))
-    acc, out = torch.zeros(M, N, dtype=torch.float64), torch.zeros(M, N)
-    for i in range(steps.shape[0]):                             # sequential by nature
+        raise ValueError(f"K={K} and promote_every={promote_every} must be multiples of "
+                         f"mma_k={mma_k}")
+    a_steps = a.double().view(M, -1, mma_k)                      # [M, K/mma_k, mma_k]
+    b_steps = b.double().view(N, -1, mma_k)                      # [N, K/mma_k, mma_k]
+    steps = torch.einsum("msk,nsk->smn", a_steps, b_steps)       # [K/mma_k, M, N]
+    acc = torch.zeros(M, N, dtype=torch.float64)
+    out = torch.zeros(M, N)
+    # Sequential by nature: each step rounds what the previous ones left.
+    for i in range(steps.shape[0]):
         acc = truncate_mantissa(acc + steps[i], acc_bits)
         if promote_every and (i + 1) * mma_k % promote_every == 0:
-            out, acc = out + acc.float(), torch.zeros_like(acc)
+            out = out + acc.float()
+            acc = torch.zeros_like(acc)
     return out + acc.float()
 
 
-# ----------------------------------------------------------------------------- Fp8Linear
+# ---- Fp8Linear
 class _Fp8LinearFn(torch.autograd.Function):
     """y = x Wᵀ + b with Fprop, Dgrad and Wgrad in FP8 (V3 Fig. 6); x is cached in FP8."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)   # no bf16 autocast inside
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale_fmt: str | None) -> Tensor:
+    # cast_inputs=float32: inputs arrive in FP32, and no bf16 autocast runs inside.
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,
+                scale_fmt: str | None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])                            # [M, in]
         xq, xs = act_quant(x2, scale_fmt=scale_fmt)                # 1×128 tiles along in
         wq, ws = weight_quant(weight, scale_fmt=scale_fmt)         # 128×128 blocks
@@ -261,18 +328,26 @@ class _Fp8LinearFn(torch.autograd.Function):
         xq, xs, wq, ws = ctx.saved_tensors
         shape, x_dtype, w_dtype, fmt, has_bias = ctx.meta
         g = gy.reshape(-1, gy.shape[-1]).float()                   # [M, out]
-        gq, gs = act_quant(g, scale_fmt=fmt, amax_floor=GRAD_AMAX_FLOOR)  # 1×128 along out
-        dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t())         # Dgrad [M, in]; Wᵀ keeps its blocks
-        gtq, gts = act_quant(g.t(), scale_fmt=fmt, amax_floor=GRAD_AMAX_FLOOR)  # [out, M]: 128×1 of g
-        xtq, xts = act_quant(act_dequant(xq, xs).t(), scale_fmt=fmt)  # [in, M]: cached x re-tiled
-        dw = fp8_gemm(gtq, gts, xtq, xts)                          # Wgrad [out, in]
+        gq, gs = act_quant(g, scale_fmt=fmt, amax_floor=GRAD_AMAX_FLOOR)   # 1×128 along out
+        # Dgrad. Wᵀ keeps W's 128×128 blocks, so its scales are just transposed.
+        dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t())         # [M, in]
+        # Wgrad. Both operands are re-tiled along tokens: 128×1 tiles of g and of the cached x.
+        gtq, gts = act_quant(g.t(), scale_fmt=fmt, amax_floor=GRAD_AMAX_FLOOR)   # [out, M]
+        xtq, xts = act_quant(act_dequant(xq, xs).t(), scale_fmt=fmt)            # [in, M]
+        dw = fp8_gemm(gtq, gts, xtq, xts)                          # [out, in]
         db = g.sum(0) if has_bias else None
         return dx.to(x_dtype).reshape(shape), dw.to(w_dtype), db, None
 
 
-def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale_fmt: str | None = None) -> Tensor:
-    """F.linear with its three GEMMs in block-scaled FP8: x [..., in], weight [out, in] -> [..., out]."""
+def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+               scale_fmt: str | None = None) -> Tensor:
+    """F.linear with its three GEMMs in FP8: x [..., in], weight [out, in] -> [..., out]."""
     return _Fp8LinearFn.apply(x, weight, bias, scale_fmt)
+
+
+def _fp32_parameter(p: nn.Parameter) -> nn.Parameter:
+    """p itself if it is FP32 (shared with its optimizer), else an FP32 copy of it."""
+    return p if p.dtype == torch.float32 else nn.Parameter(p.detach().float())
 
 
 class Fp8Linear(nn.Linear):
@@ -287,10 +362,10 @@ class Fp8Linear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, scale_fmt: str | None = None) -> "Fp8Linear":
         """Wrap an existing Linear, sharing its (FP32) parameters so optimizers keep working."""
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", scale_fmt=scale_fmt)
-        fp32 = lambda p: p if p.dtype == torch.float32 else nn.Parameter(p.detach().float())
-        m.weight = fp32(linear.weight)
-        m.bias = None if linear.bias is None else fp32(linear.bias)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta",
+                scale_fmt=scale_fmt)
+        m.weight = _fp32_parameter(linear.weight)
+        m.bias = None if linear.bias is None else _fp32_parameter(linear.bias)
         return m
 
     def forward(self, x: Tensor) -> Tensor:
@@ -316,34 +391,54 @@ def swap_to_fp8(model: nn.Module, keep: tuple[str, ...] = ("embed", "head", "gat
     return model
 
 
-# ----------------------------------------------------------------------------- demo
-SCHEMES = {"per_tensor": lambda R, C: (R, C), "per_row": lambda R, C: (1, C),
-           "tile_1x128": lambda R, C: (1, BLOCK), "block_128x128": lambda R, C: (BLOCK, BLOCK)}
+# ---- demo (not needed to understand FP8)
+def _scheme_tiles(R: int, C: int) -> dict[str, tuple[int, int]]:
+    """The scaling granularities the demo compares: scheme -> its tile in an [R, C] tensor."""
+    return {"per_tensor": (R, C), "per_row": (1, C), "tile_1x128": (1, BLOCK),
+            "block_128x128": (BLOCK, BLOCK)}
 
 
 def outlier_errors(x: Tensor, normal: Tensor, tile: tuple[int, int], dtype=E4M3) -> dict:
-    """Errors of quantize→dequantize on the normal (non-outlier) entries of x [R, C]: mean relative
-    error per value (a flushed value counts 1), its L2 version, and the fraction flushed to zero."""
-    xd, x, normal = dequantize(*quantize(x, tile, dtype=dtype), tile), x.float(), normal & (x != 0)
+    """Errors of quantize→dequantize on the normal (non-outlier) entries of x [R, C].
+
+    Returns the mean relative error per value (a flushed value counts 1), its L2 version, and the
+    fraction flushed to zero.
+    """
+    xd = dequantize(*quantize(x, tile, dtype=dtype), tile)
+    normal = normal & (x != 0)
+    x = x.float()
     return {"err": ((xd - x).abs() / x.abs())[normal].mean().item(),
             "l2err": ((xd - x)[normal].norm() / x[normal].norm()).item(),
             "flushed": ((xd == 0) & normal).float().sum().item() / normal.sum().item()}
 
 
-def train_tiny(fp8: bool, seed: int, steps: int, scale_fmt: str | None = None) -> tuple[float, list[float]]:
+def train_tiny(fp8: bool, seed: int, steps: int,
+               scale_fmt: str | None = None) -> tuple[float, list[float]]:
     """A tiny MLP learns a fixed random teacher (soft labels, so the loss has a floor).
-    Returns: (held-out cross-entropy at the end, training loss of every step)."""
-    g = torch.Generator().manual_seed(1234)                       # the task is the same for all runs
-    w1, w2 = torch.randn(128, 128, generator=g) / 8, torch.randn(128, 16, generator=g)
-    teacher = lambda x: torch.multinomial(torch.softmax(torch.tanh(x @ w1) @ w2, -1), 1, generator=g)[:, 0]
+
+    Returns: (held-out cross-entropy at the end, training loss of every step).
+    """
+    # 1. The task, the same for all runs: its own generator, never the global seed.
+    g = torch.Generator().manual_seed(1234)
+    w1 = torch.randn(128, 128, generator=g) / 8
+    w2 = torch.randn(128, 16, generator=g)
+
+    def teacher(x: Tensor) -> Tensor:
+        probs = torch.softmax(torch.tanh(x @ w1) @ w2, -1)
+        return torch.multinomial(probs, 1, generator=g)[:, 0]
+
     x_val = torch.randn(2048, 128, generator=g)
     y_val = teacher(x_val)
+    # 2. The student; with fp8, fc1 and fc2 run in FP8 and the head is kept.
     torch.manual_seed(seed)
-    model = nn.Sequential(OrderedDict(fc1=nn.Linear(128, 256), act1=nn.GELU(), fc2=nn.Linear(256, 256),
-                                      act2=nn.GELU(), head=nn.Linear(256, 16)))
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(128, 256), act1=nn.GELU(),
+                                      fc2=nn.Linear(256, 256), act2=nn.GELU(),
+                                      head=nn.Linear(256, 16)))
     if fp8:
-        swap_to_fp8(model, scale_fmt=scale_fmt)                   # fc1, fc2 in FP8; the head is kept
-    opt, losses = torch.optim.Adam(model.parameters(), lr=2e-3), []
+        swap_to_fp8(model, scale_fmt=scale_fmt)
+    # 3. Train, then score on the held-out set.
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
     for _ in range(steps):
         x = torch.randn(256, 128)
         loss = F.cross_entropy(model(x), teacher(x))
@@ -355,21 +450,28 @@ def train_tiny(fp8: bool, seed: int, steps: int, scale_fmt: str | None = None) -
         return F.cross_entropy(model(x_val), y_val).item(), losses
 
 
-def _cuda_speed(n: int) -> float:
-    """Median time of an [n, n] bf16 matmul over that of fp8_gemm on the GPU (torch's Timer warms up
-    and synchronizes)."""
+def cuda_speed(n: int) -> float:
+    """Median time of an [n, n] bf16 matmul over that of fp8_gemm on the GPU.
+
+    torch's Timer warms up and synchronizes.
+    """
     from torch.utils.benchmark import Timer
-    a, b = torch.randn(n, n, device="cuda"), torch.randn(n, n, device="cuda")
-    env = dict(fp8_gemm=fp8_gemm, ab=a.bfloat16(), bb=b.bfloat16(), a=act_quant(a), b=weight_quant(b),
-               dt=torch.bfloat16)
-    median = lambda stmt: Timer(stmt, globals=env).blocked_autorange(min_run_time=1.0).median
+    a = torch.randn(n, n, device="cuda")
+    b = torch.randn(n, n, device="cuda")
+    env = dict(fp8_gemm=fp8_gemm, ab=a.bfloat16(), bb=b.bfloat16(), a=act_quant(a),
+               b=weight_quant(b), dt=torch.bfloat16)
+
+    def median(stmt: str) -> float:
+        return Timer(stmt, globals=env).blocked_autorange(min_run_time=1.0).median
+
     return median("ab @ bb.T") / median("fp8_gemm(*a, *b, dt)")
 
 
 def demo(small: bool = False, seed: int = 0) -> dict:
     """Measure the figures listed in the module docstring; small=True shrinks every part."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny tensors: one thread is as fast, and steadier when shared
+    # Tiny tensors: one thread is as fast, and steadier when the machine is shared.
+    torch.set_num_threads(1)
     try:
         return _demo(small, seed)
     finally:
@@ -381,13 +483,17 @@ def _demo(small: bool, seed: int) -> dict:
     r: dict = {}
     # 1. format basics
     for name, dt in (("e4m3", E4M3), ("e5m2", E5M2)):
-        fi, vals = torch.finfo(dt), torch.arange(256, dtype=torch.uint8).view(dt).float()
-        r[f"{name}_max"], r[f"{name}_min_normal"] = fi.max, fi.smallest_normal
+        fi = torch.finfo(dt)
+        vals = torch.arange(256, dtype=torch.uint8).view(dt).float()
+        r[f"{name}_max"] = fi.max
+        r[f"{name}_min_normal"] = fi.smallest_normal
         r[f"{name}_min_subnormal"] = vals[vals > 0].min().item()
         r[f"{name}_n_finite_values"] = int(vals[vals.isfinite()].unique().numel())
-    r["e4m3_clamped_cast_saturates"] = torch.tensor(1000.0).clamp(-448, 448).to(E4M3).item() == 448.0
+    clamped = torch.tensor(1000.0).clamp(-448, 448).to(E4M3)
+    r["e4m3_clamped_cast_saturates"] = clamped.item() == 448.0
     r["e5m2_unclamped_cast_overflows_to_inf"] = bool(torch.tensor(1e5).to(E5M2).float().isinf())
-    amax = torch.logspace(-3, 3, 2001)                            # UE8M0 scales: nearest vs round-up
+    # UE8M0 scales: nearest vs round-up
+    amax = torch.logspace(-3, 3, 2001)
     nearest = (amax / 448).to(torch.float8_e8m0fnu).float()
     r["e8m0_nearest_cast_overflow_frac"] = (amax / nearest > 448).float().mean().item()
     r["ue8m0_ceil_overflow_frac"] = (amax / pow2_ceil(amax / 448) > 448).float().mean().item()
@@ -396,15 +502,17 @@ def _demo(small: bool, seed: int) -> dict:
     for mag, tag in ((1e2, "1e2"), (1e3, "1e3"), (1e4, "1e4")):
         x = torch.randn(R, C, generator=gen)
         normal = torch.ones(R, C, dtype=torch.bool)
-        cols = torch.randperm(C, generator=gen)[:2]               # 2 outlier channels of 4096
+        # 2 outlier channels of 4096
+        cols = torch.randperm(C, generator=gen)[:2]
         x[:, cols] *= mag
         normal[:, cols] = False
-        for scheme, tile in SCHEMES.items():
+        for scheme, tile in _scheme_tiles(R, C).items():
             for dt, sfx in ((E4M3, ""), (E5M2, "_e5m2")):
                 if dt is E5M2 and scheme not in ("per_tensor", "tile_1x128"):
                     continue
-                e = outlier_errors(x, normal, tile(R, C), dt)
-                r[f"err_{scheme}{sfx}_{tag}"], r[f"flushed_{scheme}{sfx}_{tag}"] = e["err"], e["flushed"]
+                e = outlier_errors(x, normal, tile, dt)
+                r[f"err_{scheme}{sfx}_{tag}"] = e["err"]
+                r[f"flushed_{scheme}{sfx}_{tag}"] = e["flushed"]
                 if tag == "1e4" and not sfx:
                     r[f"l2err_{scheme}_{tag}"] = e["l2err"]
     # 3. GEMM error vs K, with and without promotion every 128 (positive inputs: no cancellation)
@@ -428,14 +536,14 @@ def _demo(small: bool, seed: int) -> dict:
     # 5. the real FP8 GEMM, where there is one
     r["cuda_fp8_available"] = fp8_backend() != "simulated"
     if r["cuda_fp8_available"]:
-        r["cuda_fp8_speedup_vs_bf16"] = _cuda_speed(2048 if small else 8192)
+        r["cuda_fp8_speedup_vs_bf16"] = cuda_speed(2048 if small else 8192)
     return r
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print the demo's dict as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the demo's inputs")
     p.add_argument("--small", action="store_true", help="a faster, smaller demo")
     args = p.parse_args()
     t0 = time.time()

@@ -1,5 +1,12 @@
 """Multi-head Latent Attention (MLA): DeepSeek-V2 §2.1, DeepSeek-V3 §2.1.1.
 
+Sections (each fenced `# ---- name`):
+  config      MLAConfig, and DEEPSEEK_V3 (the real sizes, for the cache table)
+  RoPE        precompute_freqs_cis, apply_rotary_emb (decoupled rotary part)
+  MLA         MLACache (the latent cache) and MLA (the layer, naive and absorbed attention)
+  cache size  kv_cache_elements (MHA / GQA / MQA / MLA, DeepSeek-V2 Table 1)
+  demo        demo() and the CLI (not needed to understand MLA)
+
 The problem. At decode time a transformer keeps, for every past token and every layer, the keys and
 values of all heads: 2 * n_h * d_h numbers per token per layer for multi-head attention (MHA). At
 DeepSeek-V3's sizes (128 heads of 128) that is 32,768 numbers; the KV cache, not the weights, then
@@ -56,20 +63,26 @@ from torch import nn
 IMPLS = ("naive", "absorb")
 
 
+# ---- config
 @dataclass
 class MLAConfig:
     """Sizes of one MLA layer (defaults: a tiny layer that runs in milliseconds on a CPU)."""
     dim: int = 128
     n_heads: int = 4
-    q_lora_rank: int = 0          # 0 -> plain wq (DeepSeek-V2-Lite); >0 -> wq_a, q_norm, wq_b
-    kv_lora_rank: int = 64        # d_c, the cached latent width
-    qk_nope_head_dim: int = 32    # d_h, the content part of each query/key head
-    qk_rope_head_dim: int = 16    # d_R, the rotary part (one shared key)
+    # 0 -> plain wq (DeepSeek-V2-Lite); > 0 -> wq_a, q_norm, wq_b
+    q_lora_rank: int = 0
+    # d_c, the cached latent width
+    kv_lora_rank: int = 64
+    # d_h, the content part of each query/key head
+    qk_nope_head_dim: int = 32
+    # d_R, the rotary part (one shared key)
+    qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    attn_impl: str = "absorb"     # default mode when a cache is given: "naive" | "absorb"
+    # default mode when a cache is given: "naive" | "absorb"
+    attn_impl: str = "absorb"
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message if a field cannot work."""
@@ -93,17 +106,7 @@ DEEPSEEK_V3 = MLAConfig(dim=7168, n_heads=128, q_lora_rank=1536, kv_lora_rank=51
                         max_seq_len=163840)
 
 
-@dataclass
-class MLACache:
-    """The latent KV cache of ONE layer: all that decoding needs to remember per token.
-
-    Rolling back (speculative decoding) = calling forward again with an earlier start_pos: the
-    entries from there on are overwritten, and attention never reads past start_pos + T.
-    """
-    c_kv: torch.Tensor            # [B, max_len, kv_lora_rank]   normalised latent (after kv_norm)
-    k_pe: torch.Tensor            # [B, max_len, qk_rope_head_dim] shared rope key (after RoPE)
-
-
+# ---- RoPE
 def precompute_freqs_cis(cfg: MLAConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE angles pos * theta^(-2i/d_R) for every position, as real cos and sin.
 
@@ -127,11 +130,25 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
         Same shape and dtype as x; computed in float32 like the official complex multiplication.
     """
     xp = x.float().unflatten(-1, (-1, 2))                       # [..., d_R/2, 2]
-    x0, x1 = xp[..., 0], xp[..., 1]
+    x0 = xp[..., 0]
+    x1 = xp[..., 1]
     shape = (cos.size(0),) + (1,) * max(x.dim() - 3, 0) + (cos.size(1),)
-    cos, sin = cos.view(shape), sin.view(shape)
+    cos = cos.view(shape)
+    sin = sin.view(shape)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+# ---- MLA
+@dataclass
+class MLACache:
+    """The latent KV cache of ONE layer: all that decoding needs to remember per token.
+
+    Rolling back (speculative decoding) = calling forward again with an earlier start_pos: the
+    entries from there on are overwritten, and attention never reads past start_pos + T.
+    """
+    c_kv: torch.Tensor            # [B, max_len, kv_lora_rank]   normalised latent (after kv_norm)
+    k_pe: torch.Tensor            # [B, max_len, qk_rope_head_dim] shared rope key (after RoPE)
 
 
 class MLA(nn.Module):
@@ -141,7 +158,10 @@ class MLA(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        H, dn, dr, dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        H = cfg.n_heads
+        dn = cfg.qk_nope_head_dim
+        dr = cfg.qk_rope_head_dim
+        dv = cfg.v_head_dim
         self.qk_head_dim = dn + dr
         if cfg.q_lora_rank == 0:
             self.wq = nn.Linear(cfg.dim, H * self.qk_head_dim, bias=False)
@@ -154,7 +174,8 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (dn + dv), bias=False)
         self.wo = nn.Linear(H * dv, cfg.dim, bias=False)
         self.softmax_scale = self.qk_head_dim ** -0.5
-        cos, sin = precompute_freqs_cis(cfg)                   # real, not complex: DDP broadcasts buffers
+        # Real cos/sin, not a complex tensor: DDP broadcasts buffers, and not complex ones.
+        cos, sin = precompute_freqs_cis(cfg)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -163,7 +184,8 @@ class MLA(nn.Module):
         """An empty (zero) latent cache for this layer: kv_lora_rank + d_R elements per token.
 
         Args:
-            batch_size: B. max_len: positions it can hold (default and upper bound: cfg.max_seq_len).
+            batch_size: B. max_len: positions it can hold (default and upper bound:
+                cfg.max_seq_len).
             device, dtype: default to those of the module's weights.
         """
         max_len = self.cfg.max_seq_len if max_len is None else max_len
@@ -193,51 +215,69 @@ class MLA(nn.Module):
         B, T = self._check(x, start_pos, cache, mode)
         mode = mode or (cfg.attn_impl if cache is not None else "naive")
         end = start_pos + T
-        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+        cos = self.cos[start_pos:end]
+        sin = self.sin[start_pos:end]
+        # 1. Queries: content part q_nope and rotary part q_pe of every head.
         q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, cfg.n_heads, self.qk_head_dim)        # [B, T, H, dn + dr]
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, cos, sin)
+        # 2. The latent and the one shared rope key: all that is cached.
         c_kv, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_norm(c_kv)                              # [B, T, kv_lora_rank]
         k_pe = apply_rotary_emb(k_pe, cos, sin)                # [B, T, dr], one key for all heads
+        # 3. Write them into the cache and attend over everything cached so far.
         if cache is not None:
             cache.c_kv[:B, start_pos:end] = c_kv
             cache.k_pe[:B, start_pos:end] = k_pe
-            c_kv, k_pe = cache.c_kv[:B, :end], cache.k_pe[:B, :end]   # [B, end, .]
-        # Query s sits at position start_pos+s, key t at end-Tk+t; only a multi-token call needs a mask.
+            c_kv = cache.c_kv[:B, :end]                        # [B, end, kv_lora_rank]
+            k_pe = cache.k_pe[:B, :end]                        # [B, end, dr]
+        # 4. Causal mask. Query s sits at position start_pos+s, key t at end-Tk+t; only a
+        # multi-token call needs a mask.
         Tk = c_kv.size(1)
         mask = None
         if T > 1:
             q_pos = torch.arange(start_pos, end, device=x.device)
             mask = torch.arange(end - Tk, end, device=x.device) <= q_pos[:, None]   # [T, Tk]
+        # 5. Attend (naive or absorbed: the same math) and project the heads back to dim.
         attend = self._attend_naive if mode == "naive" else self._attend_absorb
         o = attend(q_nope, q_pe, c_kv, k_pe, mask)            # [B, T, H, dv]
         return self.wo(o.flatten(2))
 
     def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Materialise per-head K = [k_nope | k_pe] and V from the latent; SDPA. Returns [B, T, H, dv]."""
+        """Materialise per-head K = [k_nope | k_pe] and V from the latent; SDPA.
+
+        Returns [B, T, H, dv].
+        """
         cfg = self.cfg
-        B, Tk, H = c_kv.size(0), c_kv.size(1), cfg.n_heads
+        B = c_kv.size(0)
+        Tk = c_kv.size(1)
+        H = cfg.n_heads
         kv = self.wkv_b(c_kv).view(B, Tk, H, -1)               # [B, Tk, H, dn + dv]
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)  # [B, Tk, H, dn+dr]
+        k_pe = k_pe[:, :, None].expand(-1, -1, H, -1)          # [B, Tk, H, dr]
+        k = torch.cat([k_nope, k_pe], dim=-1)                  # [B, Tk, H, dn + dr]
         q = torch.cat([q_nope, q_pe], dim=-1)                  # [B, T, H, dn + dr]
-        causal = mask is not None and mask.size(0) == Tk       # square: SDPA's own causal kernel
+        # A square mask is plain causal: let SDPA use its own causal kernel.
+        causal = mask is not None and mask.size(0) == Tk
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # [B, H, T|Tk, .]
             attn_mask=None if causal else mask, is_causal=causal, scale=self.softmax_scale)
         return o.transpose(1, 2)                               # [B, T, H, dv]
 
     def _attend_absorb(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Attend over the latent directly: W_UK folded into q, W_UV applied after. [B, T, H, dv]."""
-        ### BEGIN SOLUTION: absorbed MLA: fold W_UK into the query, W_UV after attention (DeepSeek-V2 §2.1.2)
+        """Attend over the latent directly: W_UK folded into q, W_UV applied after.
+
+        Returns [B, T, H, dv].
+        """
+        ### BEGIN SOLUTION: absorbed MLA: fold W_UK into q, apply W_UV after attention (V2 §2.1.2)
         cfg = self.cfg
         wkv_b = self.wkv_b.weight.view(cfg.n_heads, -1, cfg.kv_lora_rank)  # [H, dn + dv, c], a view
-        w_uk, w_uv = wkv_b[:, :cfg.qk_nope_head_dim], wkv_b[:, cfg.qk_nope_head_dim:]
+        w_uk = wkv_b[:, :cfg.qk_nope_head_dim]                              # [H, dn, c]
+        w_uv = wkv_b[:, cfg.qk_nope_head_dim:]                              # [H, dv, c]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk) * self.softmax_scale  # [B, T, H, c]
-        scores = (torch.einsum("bshc,btc->bsht", q_lat, c_kv)
-                  + torch.einsum("bshr,btr->bsht", q_pe * self.softmax_scale, k_pe))  # [B, T, H, Tk]
+        scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv)                     # [B, T, H, Tk]
+        scores = scores + torch.einsum("bshr,btr->bsht", q_pe * self.softmax_scale, k_pe)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         p = scores.softmax(dim=-1, dtype=torch.float32).type_as(q_lat)
@@ -266,6 +306,7 @@ class MLA(nn.Module):
         return B, T
 
 
+# ---- cache size
 def kv_cache_elements(cfg: MLAConfig, kind: str, n_kv_heads: int = 8,
                       bytes_per_element: int = 2) -> tuple[int, int]:
     """KV-cache size per token per layer (DeepSeek-V2 Table 1), with d_h = cfg.qk_nope_head_dim.
@@ -278,15 +319,23 @@ def kv_cache_elements(cfg: MLAConfig, kind: str, n_kv_heads: int = 8,
     Returns:
         (elements, bytes) per token per layer.
     """
-    H, dh = cfg.n_heads, cfg.qk_nope_head_dim
+    H = cfg.n_heads
+    dh = cfg.qk_nope_head_dim
     if kind == "gqa" and not (1 <= n_kv_heads <= H and H % n_kv_heads == 0):
         raise ValueError(f"gqa needs n_kv_heads dividing n_heads={H}, got {n_kv_heads}")
-    sizes = {"mha": 2 * H * dh, "gqa": 2 * n_kv_heads * dh, "mqa": 2 * dh,
+    sizes = {"mha": 2 * H * dh,
+             "gqa": 2 * n_kv_heads * dh,
+             "mqa": 2 * dh,
              "mla": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
              "naive": H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)}
     if kind not in sizes:
         raise ValueError(f"kind must be one of {tuple(sizes)}, got {kind!r}")
     return sizes[kind], sizes[kind] * bytes_per_element
+
+
+# ---- demo (not needed to understand MLA)
+CACHE_KINDS = ("mha", "gqa", "mqa", "mla", "naive")
+DECODE_CONTEXTS = (256, 512, 1024, 2048, 4096)
 
 
 def _decode_ms(mla: MLA, cache: MLACache, ctx: int, reps: int) -> dict[str, float]:
@@ -312,17 +361,19 @@ def demo(small: bool = False, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     out: dict = {}
     tiny = MLAConfig()
-    # (1) KV-cache elements per token per layer, V3's real sizes and ours.
+    # 1. KV-cache elements per token per layer, V3's real sizes and ours.
     for tag, cfg in (("v3", DEEPSEEK_V3), ("tiny", tiny)):
-        for kind in ("mha", "gqa", "mqa", "mla", "naive"):
+        for kind in CACHE_KINDS:
             e, b = kv_cache_elements(cfg, kind, n_kv_heads=min(8, cfg.n_heads // 2))
             name = "naive_official" if kind == "naive" else kind
-            out[f"cache_elements_{name}_{tag}"], out[f"cache_bytes_bf16_{name}_{tag}"] = e, b
+            out[f"cache_elements_{name}_{tag}"] = e
+            out[f"cache_bytes_bf16_{name}_{tag}"] = b
         out[f"cache_ratio_mha_over_mla_{tag}"] = round(
             out[f"cache_elements_mha_{tag}"] / out[f"cache_elements_mla_{tag}"], 2)
 
-    # (2) naive vs absorbed over a prefill then token-by-token decoding, and vs one full forward.
-    n_prefill, n_decode = 32, 16 if small else 64
+    # 2. naive vs absorbed over a prefill then token-by-token decoding, and vs one full forward.
+    n_prefill = 32
+    n_decode = 16 if small else 64
     mla = MLA(replace(tiny, q_lora_rank=48)).eval()
     x = torch.randn(2, n_prefill + n_decode, tiny.dim)
     outs = {}
@@ -335,43 +386,52 @@ def demo(small: bool = False, seed: int = 0) -> dict:
     out["max_abs_diff_naive_absorb"] = (outs["naive"] - outs["absorb"]).abs().max().item()
     out["max_abs_diff_cached_vs_full"] = (outs["absorb"] - mla(x)).abs().max().item()
 
-    # (3) decode time per token at growing contexts, batch 1. One thread: on a shared 2-core
+    # 3. decode time per token at growing contexts, batch 1. One thread: on a shared 2-core
     # machine this made the naive/absorb ratio steadier than letting the two modes fight for cores.
-    contexts = (256, 512, 1024, 2048, 4096)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        mla = MLA(replace(tiny, max_seq_len=contexts[-1] + 1)).eval()
+        mla = MLA(replace(tiny, max_seq_len=DECODE_CONTEXTS[-1] + 1)).eval()
         cache = mla.new_cache(1)
-        mla(torch.randn(1, contexts[-1] + 1, tiny.dim), 0, cache, mode="naive")  # fill the cache
-        for ctx in contexts:
+        # Fill the whole cache once; each timed call then decodes at one position of it.
+        mla(torch.randn(1, DECODE_CONTEXTS[-1] + 1, tiny.dim), 0, cache, mode="naive")
+        for ctx in DECODE_CONTEXTS:
             ms = _decode_ms(mla, cache, ctx, reps=10 if small else 50)
-            out[f"decode_ms_naive_{ctx}"], out[f"decode_ms_absorb_{ctx}"] = ms["naive"], ms["absorb"]
+            out[f"decode_ms_naive_{ctx}"] = ms["naive"]
+            out[f"decode_ms_absorb_{ctx}"] = ms["absorb"]
             out[f"decode_speedup_{ctx}"] = ms["naive"] / ms["absorb"]
     finally:
         torch.set_num_threads(threads)
     return out
 
 
+def _print_table(res: dict) -> None:
+    """Print demo()'s figures as the three small tables of the module docstring."""
+    print("KV cache per token per layer (elements)    MHA     GQA    MQA   MLA  naive-MLA")
+    for tag in ("v3", "tiny"):
+        names = ("naive_official" if k == "naive" else k for k in CACHE_KINDS)
+        row = [res[f"cache_elements_{k}_{tag}"] for k in names]
+        print(f"  {tag:<40}" + "".join(f"{v:>7,}" for v in row)
+              + f"   MHA/MLA = {res[f'cache_ratio_mha_over_mla_{tag}']}x")
+    print(f"max |naive - absorbed| over prefill + {res['decode_steps']} decode steps: "
+          f"{res['max_abs_diff_naive_absorb']:.2e} (cached vs full: "
+          f"{res['max_abs_diff_cached_vs_full']:.2e})")
+    print("decode ms/token (batch 1, CPU, 1 thread)   naive   absorb   speedup")
+    for ctx in DECODE_CONTEXTS:
+        print(f"  context {ctx:<32}{res[f'decode_ms_naive_{ctx}']:>7.3f}"
+              f"{res[f'decode_ms_absorb_{ctx}']:>9.3f}{res[f'decode_speedup_{ctx}']:>9.1f}x")
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="MLA demo: cache sizes, naive == absorbed, decode speed")
-    ap.add_argument("--json", action="store_true", help="print the measured figures as one JSON dict")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(
+        description="MLA demo: cache sizes, naive == absorbed, decode speed")
+    ap.add_argument("--json", action="store_true",
+                    help="print the measured figures as one JSON dict")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the demo's inputs")
     ap.add_argument("--small", action="store_true", help="fewer steps and repeats")
     args = ap.parse_args()
     res = demo(small=args.small, seed=args.seed)
     if args.json:
         print(json.dumps(res))
     else:
-        print("KV cache per token per layer (elements)    MHA     GQA    MQA   MLA  naive-MLA")
-        for tag in ("v3", "tiny"):
-            row = [res[f"cache_elements_{k}_{tag}"] for k in ("mha", "gqa", "mqa", "mla", "naive_official")]
-            print(f"  {tag:<40}" + "".join(f"{v:>7,}" for v in row)
-                  + f"   MHA/MLA = {res[f'cache_ratio_mha_over_mla_{tag}']}x")
-        print(f"max |naive - absorbed| over prefill + {res['decode_steps']} decode steps: "
-              f"{res['max_abs_diff_naive_absorb']:.2e} (cached vs full: "
-              f"{res['max_abs_diff_cached_vs_full']:.2e})")
-        print("decode ms/token (batch 1, CPU, 1 thread)   naive   absorb   speedup")
-        for ctx in (256, 512, 1024, 2048, 4096):
-            print(f"  context {ctx:<32}{res[f'decode_ms_naive_{ctx}']:>7.3f}"
-                  f"{res[f'decode_ms_absorb_{ctx}']:>9.3f}{res[f'decode_speedup_{ctx}']:>9.1f}x")
+        _print_table(res)

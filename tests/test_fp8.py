@@ -32,10 +32,11 @@ def close(a, b, tol=SAME_MATH):
 
 def test_act_scales_are_exactly_amax_over_448_per_tile():
     x = torch.randn(3, 384)
-    x[1, 128:256] = 0.0                                          # an all-zero tile: floor 1e-4
+    # An all-zero tile: its scale comes from the floor, 1e-4.
+    x[1, 128:256] = 0.0
     _, s = act_quant(x)
-    expected = torch.tensor([[max(x[i, j * 128:(j + 1) * 128].abs().max().item(), 1e-4) for j in range(3)]
-                             for i in range(3)]) / 448
+    expected = torch.tensor([[max(x[i, j * 128:(j + 1) * 128].abs().max().item(), 1e-4)
+                              for j in range(3)] for i in range(3)]) / 448
     assert s.shape == (3, 3), f"one scale per 1x128 tile: expected [3, 3], got {list(s.shape)}"
     assert torch.equal(s, expected)
 
@@ -51,7 +52,8 @@ def test_weight_scales_are_exactly_amax_over_448_per_block():
 
 def test_partial_tile_scale_comes_from_the_elements_present():
     x = torch.randn(2, 200)
-    x[:, 128:] = torch.linspace(-3e-4, 2e-4, 72)                # a 72-wide last tile, amax 3e-4
+    # A 72-wide last tile, amax 3e-4.
+    x[:, 128:] = torch.linspace(-3e-4, 2e-4, 72)
     w = torch.randn(130, 200)
     w[128:, 128:] = torch.linspace(-2e-4, 5e-4, 144).view(2, 72)
     _, s = act_quant(x)
@@ -67,11 +69,17 @@ def test_pow2_ceil_rounds_up_and_keeps_exact_powers():
 
 
 def test_outlier_in_one_tile_changes_no_other_tile():
-    x, w = torch.randn(4, 512), torch.randn(256, 384)
-    (q0, s0), (wq0, ws0) = act_quant(x), weight_quant(w)
-    x[1, 300], w[5, 200] = 1e4, 1e4                            # tile (1, 2); block (0, 1)
-    (q1, s1), (wq1, ws1) = act_quant(x), weight_quant(w)
-    changed, wchanged = (s0 != s1).nonzero().tolist(), (ws0 != ws1).nonzero().tolist()
+    x = torch.randn(4, 512)
+    w = torch.randn(256, 384)
+    q0, s0 = act_quant(x)
+    wq0, ws0 = weight_quant(w)
+    # One outlier in tile (1, 2) of x and in block (0, 1) of w.
+    x[1, 300] = 1e4
+    w[5, 200] = 1e4
+    q1, s1 = act_quant(x)
+    wq1, ws1 = weight_quant(w)
+    changed = (s0 != s1).nonzero().tolist()
+    wchanged = (ws0 != ws1).nonzero().tolist()
     assert changed == [[1, 2]] and wchanged == [[0, 1]], f"scales changed at {changed}, {wchanged}"
     keep = torch.ones_like(x, dtype=torch.bool)
     keep[1, 256:384] = False
@@ -81,9 +89,11 @@ def test_outlier_in_one_tile_changes_no_other_tile():
     assert torch.equal(wq0.float()[wkeep], wq1.float()[wkeep])
 
 
-@pytest.mark.parametrize("dtype,rel_bound,sub_bound", [(E4M3, 2 ** -4, 2 ** -10), (E5M2, 2 ** -3, 2 ** -17)])
+@pytest.mark.parametrize("dtype,rel_bound,sub_bound",
+                         [(E4M3, 2 ** -4, 2 ** -10), (E5M2, 2 ** -3, 2 ** -17)])
 def test_round_trip_error_within_format_bound(dtype, rel_bound, sub_bound):
-    x = torch.randn(8, 300) * torch.logspace(-3, 3, 300)        # six decades inside each row
+    # Six decades inside each row.
+    x = torch.randn(8, 300) * torch.logspace(-3, 3, 300)
     q, s = act_quant(x, dtype=dtype)
     s_full = s.repeat_interleave(128, -1)[:, :300]
     bound = torch.maximum(rel_bound * x.abs(), sub_bound * s_full) * (1 + 1e-6)
@@ -103,42 +113,50 @@ def test_power_of_two_scales_are_powers_of_two_and_never_overflow():
     amax = x.abs().unflatten(-1, (-1, 128)).amax(-1)
     assert (amax / s <= 448).all() and q.float().abs().max() <= 448
     assert torch.equal(s.to(torch.float8_e8m0fnu).float(), s), "representable in UE8M0 exactly"
-    nearest = (amax / 448).to(torch.float8_e8m0fnu).float()     # the pitfall: nearest rounding
+    # The pitfall: nearest rounding.
+    nearest = (amax / 448).to(torch.float8_e8m0fnu).float()
     assert (amax / nearest > 448).any(), "a round-to-nearest e8m0 cast should overflow somewhere"
 
 
 @pytest.mark.parametrize("lead,K,N", [((5,), 256, 128), ((2, 3), 300, 200), ((7,), 96, 40)])
 def test_fp8_gemm_equals_dequantize_then_fp32_matmul(lead, K, N):
-    a, b = torch.randn(*lead, K), torch.randn(N, K)
-    (aq, a_s), (bq, b_s) = act_quant(a), weight_quant(b)
+    a = torch.randn(*lead, K)
+    b = torch.randn(N, K)
+    aq, a_s = act_quant(a)
+    bq, b_s = weight_quant(b)
     y = fp8_gemm(aq, a_s, bq, b_s)
     assert y.shape == (*lead, N) and y.dtype == torch.float32
     close(y, act_dequant(aq, a_s) @ weight_dequant(bq, b_s).T)
-    bq2, b_s2 = act_quant(b)                                     # 1x128 scales on b too (Wgrad)
+    # 1x128 scales on b too, as in Wgrad.
+    bq2, b_s2 = act_quant(b)
     close(fp8_gemm(aq, a_s, bq2, b_s2), act_dequant(aq, a_s) @ act_dequant(bq2, b_s2).T)
 
 
 def test_fp8_gemm_matches_cpu_rowwise_scaled_mm():
-    a, b = torch.randn(9, 300), torch.randn(200, 300)
-    (aq, a_s), (bq, b_s) = act_quant(a), weight_quant(b)
+    a = torch.randn(9, 300)
+    b = torch.randn(200, 300)
+    aq, a_s = act_quant(a)
+    bq, b_s = weight_quant(b)
     rows = b_s.repeat_interleave(128, 0)[:200]
     try:
-        y = fp8._gemm_rowwise(aq, a_s, bq, rows)
+        y = fp8.gemm_rowwise(aq, a_s, bq, rows)
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"this torch build has no CPU row-wise torch._scaled_mm: {e}")
-    close(y, fp8._gemm_simulated(aq, a_s, bq, rows))
+    close(y, fp8.gemm_simulated(aq, a_s, bq, rows))
 
 
-@pytest.mark.skipif(not hasattr(F, "scaled_mm"), reason="torch has no F.scaled_mm (needs torch >= 2.10)")
+@pytest.mark.skipif(not hasattr(F, "scaled_mm"),
+                    reason="torch has no F.scaled_mm (needs torch >= 2.10)")
 @pytest.mark.parametrize("per_row", [False, True])
 def test_blockwise_arguments_pass_torchs_layout_checks(per_row):
-    # The meta kernel of F.scaled_mm runs torch's shape/stride checks for the DeepSeek recipes on CPU.
+    # On CPU, the meta kernel of F.scaled_mm runs torch's shape/stride checks for the DeepSeek
+    # recipes.
     M, K, N = 6, 300, 200
     a = torch.empty(M, K, dtype=E4M3, device="meta")
     b = torch.empty(N, K, dtype=E4M3, device="meta")
     a_s = torch.empty(M, 3, device="meta")
     b_s = torch.empty(N if per_row else 2, 3, device="meta")
-    y = F.scaled_mm(*fp8._blockwise_args(a, a_s, b, b_s), output_dtype=torch.bfloat16)
+    y = F.scaled_mm(*fp8.blockwise_args(a, a_s, b, b_s), output_dtype=torch.bfloat16)
     assert y.shape[0] >= M and y.shape[1] >= N
 
 
@@ -154,7 +172,8 @@ def test_fp8_linear_forward_and_gradients_close_to_nn_linear():
     dx8, dw8, db8 = torch.autograd.grad(y8, (x8, f8.weight, f8.bias), g)
     for name, got, ref in (("y", y8, y), ("dx", dx8, dx), ("dW", dw8, dw)):
         assert 1e-3 < rel(got, ref) < FP8_VS_FP32, f"{name}: relative error {rel(got, ref):.3g}"
-    close(db8, db)                                               # the bias gradient stays FP32
+    # The bias gradient stays FP32.
+    close(db8, db)
     assert dw8.dtype == torch.float32 and f8.weight.dtype == torch.float32
 
 
@@ -163,24 +182,28 @@ def test_fp8_linear_gradients_are_the_three_fp8_gemms():
     x = torch.randn(3, 50, 200, requires_grad=True)
     g = torch.randn(3, 50, 96)
     dx, dw = torch.autograd.grad(f8(x), (x, f8.weight), g)
-    x2, g2 = x.detach().reshape(-1, 200), g.reshape(-1, 96)
+    x2 = x.detach().reshape(-1, 200)
+    g2 = g.reshape(-1, 96)
     wq, ws = weight_quant(f8.weight.detach())
-    close(dx.reshape(-1, 200), fp8_gemm(*act_quant(g2), wq.t().contiguous(), ws.t()))   # Dgrad
-    x_cached = act_dequant(*act_quant(x2))                       # x is cached in FP8
-    close(dw, fp8_gemm(*act_quant(g2.t()), *act_quant(x_cached.t())))                  # Wgrad
+    # Dgrad
+    close(dx.reshape(-1, 200), fp8_gemm(*act_quant(g2), wq.t().contiguous(), ws.t()))
+    # Wgrad, from x as it is cached: in FP8.
+    x_cached = act_dequant(*act_quant(x2))
+    close(dw, fp8_gemm(*act_quant(g2.t()), *act_quant(x_cached.t())))
 
 
 def test_fp8_backward_scales_with_the_loss_like_fp32():
-    """Gradients have no natural size (~1e-9..1e-4 here: loss / tokens), so their tiles must be scaled
-    by their own amax however small: a loss 2^-40 smaller gives exactly 2^-40 times every gradient.
-    (The inference kernels' floor, amax >= 1e-4, would flush these tiles to zero.)"""
+    """Gradients have no natural size (~1e-9..1e-4 here: loss / tokens), so their tiles must be
+    scaled by their own amax however small: a loss 2^-40 smaller gives exactly 2^-40 times every
+    gradient. (The inference kernels' floor, amax >= 1e-4, would flush these tiles to zero.)"""
     f8 = Fp8Linear(200, 150)
     x = torch.randn(37, 200, requires_grad=True)
     g = torch.randn(37, 150)
     full = torch.autograd.grad(f8(x), (x, f8.weight, f8.bias), g)
     tiny = torch.autograd.grad(f8(x), (x, f8.weight, f8.bias), g * 2.0 ** -40)
     for name, a, b in zip(("dx", "dW", "db"), full, tiny):
-        assert b.abs().max() > 0 and torch.equal(a * 2.0 ** -40, b), f"{name} is not 2^-40 times the full one"
+        assert b.abs().max() > 0 and torch.equal(a * 2.0 ** -40, b), (
+            f"{name} is not 2^-40 times the full one")
 
 
 def test_non_divisible_shapes_equal_explicit_zero_padding():
@@ -220,12 +243,16 @@ def test_swap_keeps_embedding_head_gate_and_norms_in_high_precision():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.wq, self.gate, self.w1 = nn.Linear(64, 64), nn.Linear(64, 8, bias=False), nn.Linear(64, 96)
+            self.wq = nn.Linear(64, 64)
+            self.gate = nn.Linear(64, 8, bias=False)
+            self.w1 = nn.Linear(64, 96)
             self.attn_norm = nn.RMSNorm(64, eps=1e-6)
 
     model = nn.Module()
-    model.embed, model.layers = nn.Embedding(50, 64), nn.ModuleList([Block(), Block()])
-    model.norm, model.head = nn.RMSNorm(64), nn.Linear(64, 50)
+    model.embed = nn.Embedding(50, 64)
+    model.layers = nn.ModuleList([Block(), Block()])
+    model.norm = nn.RMSNorm(64)
+    model.head = nn.Linear(64, 50)
     params = {id(p) for p in model.parameters()}
     swap_to_fp8(model)
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if n}
@@ -233,7 +260,8 @@ def test_swap_keeps_embedding_head_gate_and_norms_in_high_precision():
         assert kinds[name] == "Fp8Linear", f"{name} should run in FP8, is {kinds[name]}"
     for name in ("embed", "head", "layers.0.gate", "layers.1.gate", "norm", "layers.0.attn_norm"):
         assert kinds[name] != "Fp8Linear", f"{name} must stay high precision (V3 §3.3.1)"
-    assert {id(p) for p in model.parameters()} == params, "swapping must keep the optimizer's parameters"
+    assert {id(p) for p in model.parameters()} == params, (
+        "swapping must keep the optimizer's parameters")
 
 
 def test_truncating_accumulator_keeps_14_significant_bits():
@@ -245,9 +273,14 @@ def test_promotion_bounds_accumulation_error_and_its_absence_grows_with_k():
     g = torch.Generator().manual_seed(0)
     errs = {}
     for K in (512, 4096):
-        a, b = torch.rand(8, K, generator=g).to(E4M3).float(), torch.rand(8, K, generator=g).to(E4M3).float()
+        a = torch.rand(8, K, generator=g).to(E4M3).float()
+        b = torch.rand(8, K, generator=g).to(E4M3).float()
         ref = a.double() @ b.double().T
-        err = lambda **kw: ((fp8.tensor_core_matmul(a, b, **kw).double() - ref).abs() / ref).max().item()
+
+        def err(**kw) -> float:
+            c = fp8.tensor_core_matmul(a, b, **kw).double()
+            return ((c - ref).abs() / ref).max().item()
+
         errs[K] = err(), err(promote_every=128)
         assert err(acc_bits=53) < 1e-6, "with a full-width accumulator only FP32 rounding remains"
     assert errs[4096][0] > 4 * errs[512][0], f"no promotion: error must grow with K, got {errs}"
@@ -258,9 +291,11 @@ def test_demo_small_shows_the_papers_claims():
     r = fp8.demo(small=True)
     assert r["flushed_tile_1x128_1e4"] * 10 <= r["flushed_per_tensor_1e4"]
     assert r["err_tile_1x128_1e4"] * 2 <= r["err_per_tensor_1e4"]
-    assert abs(r["err_tile_1x128_1e2"] - r["err_per_tensor_1e2"]) < 0.01, "moderate outliers: all close"
+    assert abs(r["err_tile_1x128_1e2"] - r["err_per_tensor_1e2"]) < 0.01, (
+        "moderate outliers: all close")
     assert r["gemm_err_promotion_4096"] * 10 <= r["gemm_err_no_promotion_4096"]
-    assert r["gemm_err_no_promotion_512"] < r["gemm_err_no_promotion_4096"] < r["gemm_err_no_promotion_16384"]
+    assert (r["gemm_err_no_promotion_512"] < r["gemm_err_no_promotion_4096"]
+            < r["gemm_err_no_promotion_16384"])
     assert r["ue8m0_ceil_overflow_frac"] == 0.0 and r["e8m0_nearest_cast_overflow_frac"] > 0
     assert r["train_fp8_within_noise"], r
     assert fp8_backend() in ("cuda-blockwise", "cuda-rowwise", "simulated")
@@ -269,16 +304,21 @@ def test_demo_small_shows_the_papers_claims():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(torch.cuda.is_available() and fp8_backend() == "simulated",
-                    reason="no FP8 scaled matmul here (row-wise: sm_89+; blockwise: sm_90, CUDA 12.9)")
+                    reason="no FP8 scaled matmul here "
+                           "(row-wise: sm_89+; blockwise: sm_90, CUDA 12.9)")
 def test_gpu_path_agrees_with_simulation():
-    a, b = torch.randn(3, 70, 300), torch.randn(200, 300)
-    (aq, a_s), (bq, b_s), (bq2, b_s2) = act_quant(a), weight_quant(b), act_quant(b)
+    a = torch.randn(3, 70, 300)
+    b = torch.randn(200, 300)
+    aq, a_s = act_quant(a)
+    bq, b_s = weight_quant(b)
+    bq2, b_s2 = act_quant(b)
     for q, s in ((bq, b_s), (bq2, b_s2)):
         ref = fp8_gemm(aq, a_s, q, s)
         got = fp8_gemm(aq.cuda(), a_s.cuda(), q.cuda(), s.cuda()).cpu()
         close(got, ref, BF16_OUT)
     lin = nn.Linear(300, 200)
-    f8, f8_gpu = Fp8Linear.from_linear(lin), Fp8Linear.from_linear(nn.Linear(300, 200).cuda())
+    f8 = Fp8Linear.from_linear(lin)
+    f8_gpu = Fp8Linear.from_linear(nn.Linear(300, 200).cuda())
     f8_gpu.load_state_dict(f8.state_dict())
     y, y_gpu = f8(a), f8_gpu(a.cuda())
     close(y_gpu.detach().cpu(), y.detach(), BF16_OUT)

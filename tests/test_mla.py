@@ -15,7 +15,8 @@ from mla import (DEEPSEEK_V3, MLA, MLACache, MLAConfig, apply_rotary_emb, demo, 
                  precompute_freqs_cis)
 
 ATOL = RTOL = 1e-5
-Q_LORA = [0, 24]  # plain wq (V2-Lite) and the wq_a -> q_norm -> wq_b path (V3)
+# Plain wq (V2-Lite) and the wq_a -> q_norm -> wq_b path (V3).
+Q_LORA = [0, 24]
 
 
 @pytest.fixture(autouse=True)
@@ -40,18 +41,21 @@ def close(a, b):
 
 @pytest.mark.parametrize("q_lora_rank", Q_LORA)
 def test_absorbed_prefill_equals_naive(q_lora_rank):
-    mla, x = make(q_lora_rank), torch.randn(2, 11, 32)
+    mla = make(q_lora_rank)
+    x = torch.randn(2, 11, 32)
     close(mla(x, mode="absorb"), mla(x, mode="naive"))
     close(mla(x, 5, mode="absorb"), mla(x, 5, mode="naive"))
 
 
 @pytest.mark.parametrize("q_lora_rank", Q_LORA)
 def test_absorbed_decode_equals_naive(q_lora_rank):
-    mla, x = make(q_lora_rank), torch.randn(2, 20, 32)
+    mla = make(q_lora_rank)
+    x = torch.randn(2, 20, 32)
     caches = {m: mla.new_cache(2) for m in ("naive", "absorb")}
-    outs = {m: [mla(x[:, :7], 0, c, mode=m)] + [mla(x[:, p:p + 1], p, c, mode=m)
-                                                  for p in range(7, 20)]
-            for m, c in caches.items()}
+    outs = {}
+    for m, c in caches.items():
+        outs[m] = [mla(x[:, :7], 0, c, mode=m)]
+        outs[m] += [mla(x[:, p:p + 1], p, c, mode=m) for p in range(7, 20)]
     for a, b in zip(outs["naive"], outs["absorb"]):
         close(a, b)
     close(caches["naive"].c_kv, caches["absorb"].c_kv)
@@ -59,10 +63,14 @@ def test_absorbed_decode_equals_naive(q_lora_rank):
 
 @pytest.mark.parametrize("mode", ["naive", "absorb"])
 def test_cached_incremental_decoding_equals_full_forward(mode):
-    mla, x = make(24), torch.randn(2, 20, 32)
+    mla = make(24)
+    x = torch.randn(2, 20, 32)
     full = mla(x)
-    cache, chunks, pos = mla.new_cache(2, max_len=20), [], 0
-    for size in (5, 1, 1, 4, 3, 1, 5):  # prefill, single tokens, and chunks after a prefix
+    cache = mla.new_cache(2, max_len=20)
+    chunks = []
+    pos = 0
+    # A prefill, single tokens, and chunks after a prefix.
+    for size in (5, 1, 1, 4, 3, 1, 5):
         chunks.append(mla(x[:, pos:pos + size], pos, cache, mode=mode))
         pos += size
     close(torch.cat(chunks, dim=1), full)
@@ -91,8 +99,13 @@ def test_cache_holds_only_latent_and_rope_key():
 def test_naive_matches_attention_written_out_with_official_layouts():
     """q = [q_nope | q_pe] per head, wkv_a -> [c_kv | k_pe], wkv_b per head -> [k_nope | v],
     one rope key for all heads, scale 1/sqrt(dn + dr): written out with plain loops over heads."""
-    mla, x = make(0), torch.randn(1, 9, 32)
-    H, dn, dr, dv, T = 3, 8, 6, 10, 9
+    mla = make(0)
+    x = torch.randn(1, 9, 32)
+    H = 3
+    dn = 8
+    dr = 6
+    dv = 10
+    T = 9
     cos, sin = mla.cos[:T], mla.sin[:T]
     q = mla.wq(x)[0].view(T, H, dn + dr)
     c_kv, k_pe = mla.wkv_a(x)[0].split([16, dr], dim=-1)
@@ -131,14 +144,16 @@ def test_rope_depends_only_on_relative_position():
     close(score(3, 1), score(40, 38))
     assert (score(3, 1) - score(3, 2)).abs() > 1e-3, "different offsets must give different scores"
     # The whole layer: the same tokens placed later in the sequence attend identically.
-    mla, x = make(24), torch.randn(1, 10, 32)
+    mla = make(24)
+    x = torch.randn(1, 10, 32)
     for mode in ("naive", "absorb"):
         close(mla(x, 0, mode=mode), mla(x, 37, mode=mode))
 
 
 @pytest.mark.parametrize("mode", ["naive", "absorb"])
 def test_future_tokens_do_not_change_past_outputs(mode):
-    mla, x = make(24), torch.randn(2, 12, 32)
+    mla = make(24)
+    x = torch.randn(2, 12, 32)
     y = x.clone()
     y[:, 7:] = torch.randn(2, 5, 32)
     a, b = mla(x, mode=mode), mla(y, mode=mode)
@@ -166,11 +181,14 @@ def test_submodules_use_official_names_and_real_non_persistent_buffers():
 
 
 def test_rollback_overwrites_cache_like_a_fresh_decode():
-    mla, x = make(24), torch.randn(1, 10, 32)
-    fresh, reused = mla.new_cache(1, 16), mla.new_cache(1, 16)
+    mla = make(24)
+    x = torch.randn(1, 10, 32)
+    fresh = mla.new_cache(1, 16)
+    reused = mla.new_cache(1, 16)
     mla(x[:, :8], 0, fresh)
-    mla(x, 0, reused)                 # speculated 2 tokens too far ...
-    close(mla(x[:, 8:9] * -1, 8, reused), mla(x[:, 8:9] * -1, 8, fresh))   # ... rolled back to 8
+    # Speculated 2 tokens too far, then rolled back to position 8.
+    mla(x, 0, reused)
+    close(mla(x[:, 8:9] * -1, 8, reused), mla(x[:, 8:9] * -1, 8, fresh))
 
 
 def test_cache_size_function_reproduces_v3_numbers():
@@ -184,8 +202,12 @@ def test_cache_size_function_reproduces_v3_numbers():
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("qk_rope_head_dim", 7, "even"), ("n_heads", 0, "n_heads"), ("kv_lora_rank", -4, "kv_lora_rank"),
-    ("q_lora_rank", -1, "q_lora_rank"), ("norm_eps", 0.0, "norm_eps"), ("attn_impl", "flash", "attn_impl"),
+    ("qk_rope_head_dim", 7, "even"),
+    ("n_heads", 0, "n_heads"),
+    ("kv_lora_rank", -4, "kv_lora_rank"),
+    ("q_lora_rank", -1, "q_lora_rank"),
+    ("norm_eps", 0.0, "norm_eps"),
+    ("attn_impl", "flash", "attn_impl"),
 ])
 def test_bad_configs_raise_clear_errors(field, value, words):
     with pytest.raises(ValueError, match=words):
