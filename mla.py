@@ -68,6 +68,7 @@ IMPLS = ("naive", "absorb")
 class MLAConfig:
     """Sizes of one MLA layer (defaults: a tiny layer that runs in milliseconds on a CPU)."""
     dim: int = 128
+    # attention heads
     n_heads: int = 4
     # 0 -> plain wq (DeepSeek-V2-Lite); > 0 -> wq_a, q_norm, wq_b
     q_lora_rank: int = 0
@@ -77,8 +78,10 @@ class MLAConfig:
     qk_nope_head_dim: int = 32
     # d_R, the rotary part (one shared key)
     qk_rope_head_dim: int = 16
+    # the value width of each head
     v_head_dim: int = 32
     max_seq_len: int = 512
+    # RoPE base frequency
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     # default mode when a cache is given: "naive" | "absorb"

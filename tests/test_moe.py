@@ -19,19 +19,27 @@ F32 = dict(rtol=1e-5, atol=1e-6)
 
 
 def tiny(**kw) -> MoEConfig:
-    base = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2, n_shared_experts=1)
+    base = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2,
+                n_shared_experts=1)
     return MoEConfig(**{**base, **kw})
 
 
 def reference_gate(x, weight, bias, k, n_groups=1, topk_groups=1, route_scale=1.0):
-    """The V3 gate written plainly, one token at a time (the hand computation the tests compare to)."""
-    out_w, out_i = [], []
+    """The V3 gate written plainly, one token at a time (the hand computation the tests compare
+    to)."""
+    out_w = []
+    out_i = []
     for t in range(x.size(0)):
         s = torch.sigmoid(weight @ x[t])                                  # [E] unbiased
-        b = s + bias                                                      # biased, for choosing only
+        # biased, for choosing only
+        b = s + bias
         groups = b.view(n_groups, -1)
-        kept = groups.topk(2).values.sum(-1).topk(topk_groups).indices if n_groups > 1 else torch.tensor([0])
-        allowed = torch.cat([torch.arange(g * groups.size(1), (g + 1) * groups.size(1)) for g in kept.tolist()])
+        size = groups.size(1)
+        if n_groups > 1:
+            kept = groups.topk(2).values.sum(-1).topk(topk_groups).indices
+        else:
+            kept = torch.tensor([0])
+        allowed = torch.cat([torch.arange(g * size, (g + 1) * size) for g in kept.tolist()])
         idx = allowed[b[allowed].topk(k).indices]
         out_i.append(idx)
         out_w.append(s[idx] / s[idx].sum() * route_scale)
@@ -39,7 +47,8 @@ def reference_gate(x, weight, bias, k, n_groups=1, topk_groups=1, route_scale=1.
 
 
 def naive_per_token(m: MoE, x):
-    """y_t = shared(x_t) + sum_j g_tj * Expert_{i_tj}(x_t), a Python loop over tokens and their k slots."""
+    """y_t = shared(x_t) + sum_j g_tj * Expert_{i_tj}(x_t), a Python loop over tokens and their
+    k slots."""
     flat = x.reshape(-1, x.size(-1))
     weights, indices = m.gate(flat)
     experts = [m.expert(i) for i in range(m.cfg.n_routed_experts)]
@@ -52,27 +61,35 @@ def naive_per_token(m: MoE, x):
     return torch.stack(rows).view_as(x)
 
 
-# ---------------------------------------------------------------- gate
+# ---- gate
 def test_gate_equals_reference_with_bias_and_groups():
-    cfg = tiny(n_routed_experts=16, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2, route_scale=2.5)
-    gate, x = Gate(cfg), torch.randn(32, 16)
+    cfg = tiny(n_routed_experts=16, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2,
+               route_scale=2.5)
+    gate = Gate(cfg)
+    x = torch.randn(32, 16)
     gate.bias.copy_(torch.randn(16) * 0.1)
     w, i = gate(x)
     rw, ri = reference_gate(x, gate.weight.detach(), gate.bias, 3, 4, 2, 2.5)
-    assert torch.equal(i.sort(-1).values, ri.sort(-1).values), "selected experts differ from the reference gate"
+    assert torch.equal(i.sort(-1).values, ri.sort(-1).values), \
+        "selected experts differ from the reference gate"
     torch.testing.assert_close(w.gather(1, i.argsort(-1)), rw.gather(1, ri.argsort(-1)), **F32)
 
 
 def test_bias_changes_selection_not_weights():
-    gate, x = Gate(tiny()), torch.randn(64, 16)
+    gate = Gate(tiny())
+    x = torch.randn(64, 16)
     w0, i0 = gate(x)
-    gate.bias[5] = 10.0                                                   # every token now picks expert 5
+    # every token now picks expert 5
+    gate.bias[5] = 10.0
     w1, i1 = gate(x)
-    assert not torch.equal(i0, i1) and (i1 == 5).any(-1).all(), "the bias must change which experts are chosen"
+    assert not torch.equal(i0, i1) and (i1 == 5).any(-1).all(), \
+        "the bias must change which experts are chosen"
     s = torch.sigmoid(x @ gate.weight.detach().T)                         # the UNBIASED affinities
     expected = s.gather(1, i1) / s.gather(1, i1).sum(-1, keepdim=True)
-    torch.testing.assert_close(w1, expected, **F32)                       # no trace of the +10 in the weights
-    gate.bias.fill_(3.0)                                                  # a uniform bias changes nothing
+    # no trace of the +10 in the weights
+    torch.testing.assert_close(w1, expected, **F32)
+    # a uniform bias changes nothing
+    gate.bias.fill_(3.0)
     w2, i2 = gate(x)
     assert torch.equal(i2, i0)
     torch.testing.assert_close(w2, w0, **F32)
@@ -84,7 +101,8 @@ def test_bias_gets_no_gradient_and_is_saved():
     (y.square().sum() + m.aux_loss).backward()
     assert not m.gate.bias.requires_grad and m.gate.bias.grad is None
     assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
-    assert all(p is not m.gate.bias for p in m.parameters()), "the bias must be a buffer, not a parameter"
+    assert all(p is not m.gate.bias for p in m.parameters()), \
+        "the bias must be a buffer, not a parameter"
     assert "gate.bias" in m.state_dict() and m.state_dict()["gate.bias"].dtype == torch.float32
 
 
@@ -95,38 +113,48 @@ def test_one_group_reduces_to_plain_topk():
     _, i = gate(x)
     plain = (torch.sigmoid(x @ gate.weight.detach().T) + gate.bias).topk(4).indices
     assert torch.equal(i, plain)
-    grouped = Gate(tiny(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=4))
+    grouped = Gate(tiny(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                        n_limited_groups=4))
     grouped.load_state_dict(gate.state_dict())
     assert torch.equal(grouped(x)[1], plain), "keeping every group must also equal plain top-k"
 
 
 def test_masked_groups_are_never_selected():
     # Affinities all 0.5 (zero gate weights); the bias shapes the biased scores per group of 4:
-    # group 0 holds the single best expert (1.4) but its top-2 sum is 1.3; groups 1 and 2 sum to 1.6, 1.5.
-    # The kept groups' weak experts score -0.1, below a masked 0.0: masking must be -inf, not 0 (issue #741).
-    gate = Gate(tiny(n_routed_experts=16, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2))
+    # group 0 holds the single best expert (1.4) but its top-2 sum is 1.3; groups 1 and 2 sum to
+    # 1.6, 1.5. The kept groups' weak experts score -0.1, below a masked 0.0: masking must be
+    # -inf, not 0 (issue #741).
+    gate = Gate(tiny(n_routed_experts=16, n_activated_experts=2, n_expert_groups=4,
+                     n_limited_groups=2))
     gate.weight.data.zero_()
-    gate.bias.copy_(torch.tensor([.9, -.6, -.6, -.6, .3, .3, -.6, -.6, .25, .25, -.6, -.6, 0, 0, 0, 0]))
+    gate.bias.copy_(torch.tensor([.9, -.6, -.6, -.6, .3, .3, -.6, -.6, .25, .25, -.6, -.6,
+                                  0, 0, 0, 0]))
     w, i = gate(torch.randn(8, 16))
-    assert torch.equal(i.sort(-1).values, torch.tensor([[4, 5]] * 8)), "expert 0's group is masked: never chosen"
-    torch.testing.assert_close(w, torch.full((8, 2), 0.5))               # unbiased: 0.5 / (0.5 + 0.5)
-    gate4 = Gate(tiny(n_routed_experts=16, n_activated_experts=8, n_expert_groups=4, n_limited_groups=2))
-    gate4.load_state_dict(gate.state_dict())                              # k = all 8 experts of the kept groups
-    assert set(gate4(torch.randn(8, 16))[1].flatten().tolist()) == set(range(4, 12)), "masked groups are -inf"
+    assert torch.equal(i.sort(-1).values, torch.tensor([[4, 5]] * 8)), \
+        "expert 0's group is masked: never chosen"
+    # unbiased: 0.5 / (0.5 + 0.5)
+    torch.testing.assert_close(w, torch.full((8, 2), 0.5))
+    gate4 = Gate(tiny(n_routed_experts=16, n_activated_experts=8, n_expert_groups=4,
+                      n_limited_groups=2))
+    # k = all 8 experts of the kept groups
+    gate4.load_state_dict(gate.state_dict())
+    assert set(gate4(torch.randn(8, 16))[1].flatten().tolist()) == set(range(4, 12)), \
+        "masked groups are -inf"
 
 
 def test_weights_normalised_and_scaled_by_route_scale():
     x = torch.randn(20, 16)
     w, _ = Gate(tiny(route_scale=2.5))(x)
     torch.testing.assert_close(w.sum(-1), torch.full((20,), 2.5), **F32)
-    gate = Gate(tiny(score_func="softmax", route_scale=2.0))              # V2: softmax, not renormalised
+    # V2: softmax, not renormalised
+    gate = Gate(tiny(score_func="softmax", route_scale=2.0))
     w, i = gate(x)
     p = torch.softmax(x @ gate.weight.detach().T, -1)
     torch.testing.assert_close(w, 2.0 * p.gather(1, i), **F32)
     assert (w.sum(-1) < 2.0).all()
 
 
-# ---------------------------------------------------------------- dispatch
+# ---- dispatch
 def test_sorted_dispatch_equals_naive_per_token_reference_float64():
     torch.manual_seed(1)
     m = MoE(tiny(n_routed_experts=8, n_activated_experts=3)).double()
@@ -139,26 +167,36 @@ def test_grouped_mm_path_equals_reference_and_loops_float32(monkeypatch):
         pytest.skip("this torch has no torch._grouped_mm; only the loop path exists")
     calls = []
     real = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    m, x = MoE(tiny(n_routed_experts=8, n_activated_experts=2)), torch.randn(4, 9, 16)
+
+    def counting_grouped_mm(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting_grouped_mm)
+    m = MoE(tiny(n_routed_experts=8, n_activated_experts=2))
+    x = torch.randn(4, 9, 16)
     y = m(x)
     assert len(calls) == 3, "float32 on CPU with aligned sizes must take the grouped-matmul path"
     torch.testing.assert_close(y, naive_per_token(m, x), **F32)
-    torch.testing.assert_close(moe.official_loop_forward(m, x).view_as(y), y, **F32)  # the torch.where loop baseline
-    grads = torch.autograd.grad(y.sum(), [m.experts.w1, m.experts.w2, m.gate.weight])
+    # the official torch.where loop
+    torch.testing.assert_close(moe.official_loop_forward(m, x).view_as(y), y, **F32)
+    params = [m.experts.w1, m.experts.w2, m.gate.weight]
+    grads = torch.autograd.grad(y.sum(), params)
     m.dispatch = "loop"
     y_loop = m(x)
     torch.testing.assert_close(y_loop, y, **F32)
-    for g, g_loop in zip(grads, torch.autograd.grad(y_loop.sum(), [m.experts.w1, m.experts.w2, m.gate.weight])):
+    for g, g_loop in zip(grads, torch.autograd.grad(y_loop.sum(), params)):
         torch.testing.assert_close(g_loop, g, **F32)
 
 
 def test_no_token_is_dropped_even_when_all_choose_one_expert():
     m = MoE(tiny(n_activated_experts=2)).double()
-    m.gate.bias[3] = 100.0                                                # every token routes to expert 3
+    # every token routes to expert 3
+    m.gate.bias[3] = 100.0
     x = torch.randn(2, 50, 16, dtype=torch.float64)
     y = m(x)
-    assert m.last_load[3] == 100 and m.last_load.sum() == 100 * 2, "each token fills exactly k slots"
+    assert m.last_load[3] == 100 and m.last_load.sum() == 100 * 2, \
+        "each token fills exactly k slots"
     torch.testing.assert_close(y, naive_per_token(m, x), **F64)
 
 
@@ -168,17 +206,20 @@ def test_expert_helper_maps_to_the_official_layout():
     e = m.expert(2)
     assert set(e.state_dict()) == {"w1.weight", "w2.weight", "w3.weight"}
     x = torch.randn(5, 16)
-    ref = F.linear(F.silu(F.linear(x, m.experts.w1[2])) * F.linear(x, m.experts.w3[2]), m.experts.w2[2])
+    h = F.silu(F.linear(x, m.experts.w1[2])) * F.linear(x, m.experts.w3[2])
+    ref = F.linear(h, m.experts.w2[2])
     torch.testing.assert_close(e(x), ref, **F32)
 
 
-# ---------------------------------------------------------------- balancing
+# ---- balancing
 def test_bias_update_follows_sign_rule_once_per_step():
     m = MoE(tiny(bias_update_speed=0.01))
-    x1, x2 = torch.randn(2, 6, 16), torch.randn(3, 6, 16)
+    x1 = torch.randn(2, 6, 16)
+    x2 = torch.randn(3, 6, 16)
     m(x1)
     load = m.last_load.clone()
-    m(x2)                                                                 # a second micro-batch, same step
+    # a second micro-batch, same step
+    m(x2)
     load += m.last_load
     assert torch.equal(m.gate.bias, torch.zeros(8)), "forward must never touch the bias"
     used = m.update_bias()
@@ -186,18 +227,24 @@ def test_bias_update_follows_sign_rule_once_per_step():
     torch.testing.assert_close(m.gate.bias, 0.01 * torch.sign(load.float().mean() - load.float()))
     m.eval()
     m(x1)
-    assert torch.equal(m.update_bias(), torch.zeros(8)), "eval forwards must not count, and counts reset"
+    assert torch.equal(m.update_bias(), torch.zeros(8)), \
+        "eval forwards must not count, and counts reset"
     for balance in ("aux", "none"):
         other = MoE(tiny(balance=balance))
         other(x1)
-        assert other.update_bias().sum() == 2 * 6 * 2 and torch.equal(other.gate.bias, torch.zeros(8))
+        assert other.update_bias().sum() == 2 * 6 * 2
+        assert torch.equal(other.gate.bias, torch.zeros(8))
 
 
 def _dist_worker(rank: int, port: int, out: str):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=2)
     torch.manual_seed(0)
     m = MoE(tiny(bias_update_speed=0.1))
-    m.counts = torch.tensor([4, 0, 0, 0, 0, 0, 0, 0]) if rank == 0 else torch.tensor([0, 1, 1, 1, 1, 1, 1, 1])
+    if rank == 0:
+        m.counts = torch.tensor([4, 0, 0, 0, 0, 0, 0, 0])
+    else:
+        m.counts = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1])
     load = m.update_bias()
     torch.save({"load": load, "bias": m.gate.bias.clone()}, os.path.join(out, f"{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -209,7 +256,8 @@ def test_bias_update_sums_loads_across_processes(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_dist_worker, args=(port, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
-    total = torch.tensor([4., 1, 1, 1, 1, 1, 1, 1])                       # mean 11/8: expert 0 over, rest under
+    # mean 11/8: expert 0 over, the rest under
+    total = torch.tensor([4., 1, 1, 1, 1, 1, 1, 1])
     assert torch.equal(r0["load"], total) and torch.equal(r1["load"], total)
     torch.testing.assert_close(r0["bias"], 0.1 * torch.sign(total.mean() - total))
     assert torch.equal(r0["bias"], r1["bias"]), "every process must apply the same update"
@@ -217,15 +265,18 @@ def test_bias_update_sums_loads_across_processes(tmp_path):
 
 def test_sequence_wise_loss_matches_hand_computation():
     # E = 4, k = 2, T = 2; the gate weight is the identity, so x = logit(s) gives these affinities.
-    s = torch.tensor([[0.9, 0.6, 0.1, 0.4], [0.2, 0.8, 0.6, 0.4]])       # chosen: {0, 1} then {1, 2}
+    s = torch.tensor([[0.9, 0.6, 0.1, 0.4], [0.2, 0.8, 0.6, 0.4]])   # chosen: {0, 1} then {1, 2}
     # s' = s / 2 per row; P = mean_t s' = [.275, .35, .175, .2]; f = E/(kT) * counts = [1, 2, 1, 0]
     hand = 0.275 * 1 + 0.35 * 2 + 0.175 * 1 + 0.2 * 0                      # = 1.15
-    for balance, alpha in (("none", 1e-4), ("aux", 1e-4 + 1e-2)):        # aux: the batch is this one sequence
-        m = MoE(MoEConfig(dim=4, moe_inter_dim=4, n_routed_experts=4, seq_aux_alpha=1e-4, balance=balance))
+    # aux: the batch is this one sequence
+    for balance, alpha in (("none", 1e-4), ("aux", 1e-4 + 1e-2)):
+        m = MoE(MoEConfig(dim=4, moe_inter_dim=4, n_routed_experts=4, seq_aux_alpha=1e-4,
+                          balance=balance))
         m.gate.weight.data = torch.eye(4)
         m(torch.logit(s)[None])
         assert math.isclose(m.aux_loss.item(), alpha * hand, rel_tol=1e-5)
-    assert math.isclose(moe.balance_term(s[None], torch.tensor([[[0, 1], [1, 2]]])).item(), hand, rel_tol=1e-6)
+    term = moe.balance_term(s[None], torch.tensor([[[0, 1], [1, 2]]]))
+    assert math.isclose(term.item(), hand, rel_tol=1e-6)
 
 
 def test_sequence_wise_loss_averages_over_sequences_and_is_zero_when_off():
@@ -255,17 +306,19 @@ def test_model_helpers_sum_over_layers():
     stats = moe.update_gate_biases(model)
     assert math.isclose(stats["maxvio_batch"], sum(moe.max_violation(l) for l in loads) / 2)
     total, active = moe.param_counts(model)
-    per_layer = 8 * 16 + 8 * 3 * 16 * 8 + 3 * 16 * 8                     # gate + 8 routed + 1 shared
-    assert total == 2 * per_layer and active == total - 2 * 6 * 3 * 16 * 8, "6 of 8 routed experts idle"
+    per_layer = 8 * 16 + 8 * 3 * 16 * 8 + 3 * 16 * 8                  # gate + 8 routed + 1 shared
+    assert total == 2 * per_layer and active == total - 2 * 6 * 3 * 16 * 8, \
+        "6 of 8 routed experts idle"
 
 
-# ---------------------------------------------------------------- configs
+# ---- configs
 @pytest.mark.parametrize("kw, message", [
     (dict(n_routed_experts=4, n_activated_experts=5), "n_activated_experts=5"),
     (dict(n_expert_groups=2, n_limited_groups=3), "n_limited_groups=3"),
     (dict(n_routed_experts=8, n_expert_groups=3), "split evenly"),
     (dict(n_routed_experts=8, n_expert_groups=8, n_limited_groups=2), "top-2"),
-    (dict(n_routed_experts=8, n_expert_groups=4, n_limited_groups=1, n_activated_experts=3), "kept groups"),
+    (dict(n_routed_experts=8, n_expert_groups=4, n_limited_groups=1, n_activated_experts=3),
+     "kept groups"),
     (dict(score_func="relu"), "score_func"),
     (dict(balance="magic"), "balance"),
     (dict(bias_update_speed=-1.0), ">= 0"),
@@ -277,28 +330,34 @@ def test_bad_configs_raise_clear_errors(kw, message):
 
 def test_demo_small_reports_the_contract_keys():
     keys = {"maxvio_batch_start", "maxvio_batch_final", "maxvio_noise_floor", "maxvio_global_none",
-            "maxvio_global_aux", "maxvio_global_lossfree", "loss_none", "loss_aux", "loss_lossfree",
-            "ms_moe_grouped", "ms_moe_loop", "ms_dense_same_active"}
+            "maxvio_global_aux", "maxvio_global_lossfree", "loss_none", "loss_aux", "loss_lossfree"}
     out = moe.demo(small=True)
     assert keys <= set(out) and all(isinstance(v, (int, float)) for v in out.values())
-    assert out["maxvio_batch_final"] < out["maxvio_batch_start"], "the bias must reduce the skewed router's MaxVio"
+    assert not any(k.startswith("ms_") for k in out), \
+        "the dispatch's speed is ours, not the paper's claim: notebook 02 times it"
+    assert out["maxvio_batch_final"] < out["maxvio_batch_start"], \
+        "the bias must reduce the skewed router's MaxVio"
 
 
 def test_bf16_autocast_runs_and_stays_close_to_float32():
-    m, x = MoE(tiny(dim=64, moe_inter_dim=32)), torch.randn(4, 32, 64)
+    m = MoE(tiny(dim=64, moe_inter_dim=32))
+    x = torch.randn(4, 32, 64)
     ref = m(x)
     for dispatch in ("grouped", "loop"):
         m.dispatch = dispatch
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
-        torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)  # bf16 keeps ~3 significant digits
+        # bf16 keeps ~3 significant digits
+        torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_autocast_matches_float32_reference():
-    m, x = MoE(tiny(dim=64, moe_inter_dim=32)).cuda(), torch.randn(4, 32, 64, device="cuda")
+    m = MoE(tiny(dim=64, moe_inter_dim=32)).cuda()
+    x = torch.randn(4, 32, 64, device="cuda")
     ref = m(x)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = m(x)
-    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)      # bf16 keeps ~3 significant digits
+    # bf16 keeps ~3 significant digits
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
