@@ -70,10 +70,10 @@ class DistillConfig:
     kd_temperature: float = 1.0   # the softening T of token-level KD
     rl_lr: float = 3e-4           # GRPO on the student (b): the best of a sweep, see the README
     distill_rl_updates: int = 0   # (d): GRPO updates after distillation (0 = skip)
-    distill_rl_lr: float = 3e-5   # low: a high lr undoes what distillation taught (field notes)
+    distill_rl_lr: float = 3e-5   # (d)'s lr: low, a high lr undoes what distillation taught
     n: int = 200                  # held-out evaluation problems
     threads: int = 0              # CPU threads (0 = torch's default)
-    device: str = "auto"
+    device: str = "auto"          # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
     def validate(self) -> None:
         counts = (self.seeds, self.updates, self.batch_size, self.trace_prompts,

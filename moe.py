@@ -65,14 +65,14 @@ from torch import Tensor, nn
 @dataclass
 class MoEConfig:
     dim: int = 128
-    moe_inter_dim: int = 64
-    n_routed_experts: int = 8
-    n_shared_experts: int = 1
-    n_activated_experts: int = 2
-    n_expert_groups: int = 1
-    n_limited_groups: int = 1
+    moe_inter_dim: int = 64          # hidden width of each expert (fine-grained: narrow)
+    n_routed_experts: int = 8        # N_r, the routed experts
+    n_shared_experts: int = 1        # N_s, experts every token uses
+    n_activated_experts: int = 2     # K_r, routed experts per token
+    n_expert_groups: int = 1         # groups of routed experts (V3: 8, one per node)
+    n_limited_groups: int = 1        # groups a token may route to (V3: 4)
     score_func: str = "sigmoid"      # "sigmoid" (V3) | "softmax" (V2)
-    route_scale: float = 1.0
+    route_scale: float = 1.0         # the routed output's scale (V3: 2.5)
     balance: str = "lossfree"        # "lossfree" | "aux" | "none"
     bias_update_speed: float = 1e-3  # gamma
     # complementary sequence-wise balance loss (V3 eq. 17-20); 0 = off

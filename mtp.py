@@ -62,7 +62,7 @@ from torch import Tensor
 @dataclass
 class MTPConfig:
     n_mtp_depth: int = 1        # D; 0 = no MTP
-    mtp_lambda: float = 0.3     # λ
+    mtp_lambda: float = 0.3     # λ, the MTP loss weight (V3: 0.3, then 0.1)
 
     def __post_init__(self):
         if self.n_mtp_depth < 0 or self.mtp_lambda < 0:
