@@ -58,6 +58,7 @@ class DistillConfig:
     teacher: str = "out/grpo/ckpt.pt"  # the RL teacher's checkpoint (python grpo.py writes it)
     student: str = ""             # a pretrained student checkpoint; "" = pretrain one here
     out: str = "out/distill"      # output folder: summary.json, table.md, distill.png
+    overwrite: bool = False       # replace an earlier run's files in --out (else it refuses)
     seeds: int = 3                # post-training seeds (RL sampling, trace order)
     student_seed: int = 0         # the student's pretraining seed
     student_steps: int = 600      # pretraining steps of the student
@@ -81,10 +82,11 @@ class DistillConfig:
         if min(counts) < 1:
             raise ValueError("seeds, updates, batch_size, trace_prompts, trace_samples and n "
                              "must be >= 1")
-        rates = (self.lr, self.rl_lr, self.distill_rl_lr, self.kd_temperature)
-        if min(rates) <= 0 or self.trace_temperature < 0:
-            raise ValueError("learning rates and kd_temperature must be > 0, "
-                             "trace_temperature >= 0")
+        if not self.trace_temperature >= 0:
+            raise ValueError("trace_temperature must be >= 0")
+        rates = {"--lr": self.lr, "--rl-lr": self.rl_lr, "--distill-rl-lr": self.distill_rl_lr,
+                 "--kd-temperature": self.kd_temperature}
+        train.check_shared(rates, self.threads, self.device, self.out)
 
 
 # ---- teacher traces
@@ -117,6 +119,10 @@ def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, in
             if keep_trace(text, target):
                 kept.append((ro.tokens[j], ro.mask[j], text, target))
         n_generated += len(ro.texts)
+    if not kept:
+        raise SystemExit(f"error: rejection sampling kept none of the teacher's {n_generated} "
+                         f"samples (none right and well-formed): train the teacher further "
+                         f"(python grpo.py), or raise --trace-prompts / --trace-samples")
     # 2. align the chunks, each padded to its own length: F.pad to T (a negative pad crops)
     T = max(int(m.nonzero().max()) + 2 for _, m, _, _ in kept)          # last response token + 1
     pad = teacher.args.pad_id
@@ -389,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(cfg.teacher):
         raise SystemExit(f"error: no teacher checkpoint at {cfg.teacher}: run `python train.py` "
                          f"then `python grpo.py` first (or pass --teacher CKPT)")
+    if not cfg.overwrite:
+        files = ("summary.json", "table.md", os.path.join("student", "ckpt.pt"))
+        train.check_fresh_out(cfg.out, files, resume_flag=False)
     s = run(cfg)
     print(table(s))
     print(f"distilled - RL-only: {100 * s['distill_minus_rl']:+.1f} points | distilled / teacher: "

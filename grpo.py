@@ -90,6 +90,7 @@ class GRPOConfig:
     json: bool = False            # print the result as one JSON line
     init: str = "out/pretrain/ckpt.pt"  # the pretrained checkpoint RL starts from
     out: str = "out/grpo"         # output folder: ckpt.pt, metrics.jsonl, summary.json, grpo.png
+    overwrite: bool = False       # replace an earlier run's files in --out (else it refuses)
     device: str = "auto"          # auto | cpu | cuda | mps
     threads: int = 1              # CPU threads; 1 is fastest for these tiny matmuls
     seed: int = 0                 # seeds the rollouts and the training prompts
@@ -97,8 +98,10 @@ class GRPOConfig:
     def validate(self) -> None:
         """Raise ValueError with a one-line message for a knob that cannot work."""
         checks = [
-            (min(self.steps, self.n_prompts, self.mu, self.n, self.pass_k) >= 1,
-             "steps, n_prompts, mu, n and pass_k must be >= 1"),
+            (min(self.steps, self.n_prompts, self.mu, self.n, self.pass_k,
+                 self.eval_interval) >= 1,
+             "steps, n_prompts, mu, n, pass_k and eval_interval must be >= 1"),
+            (self.bench_prompts >= 0, "bench_prompts must be >= 0 (0 = skip the benchmark)"),
             (self.group_size >= 2, "group_size must be >= 2: a group of one has no baseline"),
             (min(self.temperature, self.lr) > 0 and self.beta >= 0,
              "need temperature, lr > 0 and beta >= 0"),
@@ -111,6 +114,9 @@ class GRPOConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GRPOConfig: {msg}")
+        # --eval only reads a checkpoint: --out is not written
+        rates = {"--lr": self.lr, "--temperature": self.temperature}
+        train.check_shared(rates, self.threads, self.device, None if self.eval else self.out)
 
 
 # ---- rule-based rewards
@@ -121,10 +127,15 @@ def format_reward(completion: str) -> float:
     return float(train.well_formed(completion))
 
 
-def accuracy_reward(completion: str, target: int) -> float:
-    """1.0 if train.parse_answer finds the one answer block and it equals target, else 0.0."""
+def accuracy_reward(completion: str, target) -> float:
+    """1.0 if train.parse_answer finds the one answer block and it equals target, else 0.0.
+    target: any integral number (3, 3.0, numpy.int64(3), torch.tensor(3)); 3.5 never matches."""
     answer = train.parse_answer(completion)
-    return float(answer is not None and bool(answer == target))
+    # a 0-d tensor or numpy scalar becomes a Python number; a float must be integral
+    value = target.item() if hasattr(target, "item") else target
+    if isinstance(value, float) and not value.is_integer():
+        return 0.0
+    return float(answer is not None and bool(answer == value))
 
 
 def reward(completion: str, target: int, kind: str = "accuracy", format_weight: float = 0.0
@@ -536,7 +547,14 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(cfg.init):
         raise SystemExit(f"error: no checkpoint at {cfg.init}: run `python train.py` first "
                          f"(or pass --init CKPT)")
+    if not cfg.overwrite:
+        train.check_fresh_out(cfg.out, ("ckpt.pt", "metrics.jsonl", "summary.json"),
+                              resume_flag=False)
     model, enc, base_cfg, _ = train.load_checkpoint(cfg.init, device)
+    if base_cfg.train.data:
+        raise SystemExit(f"error: {cfg.init} was pretrained on --data {base_cfg.train.data}: "
+                         f"GRPO needs the arithmetic world (its reward would always be 0); "
+                         f"pass --init a checkpoint of `python train.py` without --data")
     print(f"GRPO from {cfg.init} | {cfg.steps} steps x {cfg.n_prompts} prompts x "
           f"G = {cfg.group_size} -> {cfg.out}")
     summary = rl_train(model, enc, cfg, cfg.out, base_cfg)

@@ -27,7 +27,7 @@ The file, in reading order (sections fenced with `# ---- name`):
     checkpoints     atomic save, weights_only load
     training        setup, train_step, evaluate_and_save, train
     benchmark       interleaved_median, a dense GPT baseline, bench
-    interop         Transformer.from_hf (Hugging Face DeepseekV3)
+    interop         Transformer.from_hf / to_hf, export_hf (Hugging Face DeepseekV3 + tokenizer)
     command line    flags generated from the config dataclasses
 
     python train.py                      # pretrain (minutes on a laptop CPU), writes out/pretrain/
@@ -35,6 +35,7 @@ The file, in reading order (sections fenced with `# ---- name`):
     python train.py --bench              # tokens/s vs a dense GPT of equal active size
     python train.py --student            # distill.py's smaller dense student (no MoE, no MTP)
     python train.py --tiny               # a model of a few thousand parameters (tests, notebooks)
+    python train.py --export-hf DIR      # a folder transformers' from_pretrained loads
     python train.py --fp8 | --compile | --data FILE  # FP8 Linears (V3 §3.3), compile, text
     torchrun --standalone --nproc_per_node=2 train.py # DDP (gloo on CPU, nccl on CUDA)
 """
@@ -48,7 +49,9 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
+import tempfile
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -119,8 +122,11 @@ class TrainConfig:
     seed: int = 0                 # seeds the weights and the training stream
     out: str = "out/pretrain"     # output folder: ckpt.pt, metrics.jsonl, summary.json, a plot
     resume: bool = False          # continue from <out>/ckpt.pt
+    overwrite: bool = False       # a fresh run replaces an earlier run's files in --out
     sample: str = ""              # complete this prompt with <out>/ckpt.pt and exit
     bench: bool = False           # print training tokens/s vs a dense GPT and exit
+    export_hf: str = ""           # write a Hugging Face folder to this path from --ckpt and exit
+    ckpt: str = ""                # the checkpoint --export-hf reads ('': <out>/ckpt.pt)
     fp8: bool = False             # Linears in block-scaled FP8 (V3 §3.3)
     compile: bool = False         # torch.compile the training step (slow to compile on a CPU)
     data: str = ""                # a UTF-8 text file to pretrain on instead of the world
@@ -564,8 +570,9 @@ def generate_texts(model: Transformer, enc, prompts: list[str], max_new_tokens: 
 
 
 MAX_ANSWER_DIGITS = 40
-# A block's text: non-empty, no tag characters (a stray or nested tag breaks it).
-_BODY = r"[^<>]+"
+# A block's text: printable and not blank (one character besides whitespace, no control
+# characters such as NUL), no tag characters (a stray or nested tag breaks it).
+_BODY = r"(?=[^<>]*[^<>\s])[^<>\x00-\x1f\x7f-\x9f]+"
 WELL_FORMED = re.compile(rf"(?:<think>{_BODY}</think>)?<answer>{_BODY}</answer>(?:<\|eos\|>)?")
 ANSWER_BLOCK = re.compile(r"<answer>([^<>]*)</answer>")
 
@@ -585,13 +592,22 @@ def parse_answer(response: str) -> int | None:
 
 
 def well_formed(response: str) -> bool:
-    """[<think>text</think>]<answer>text</answer>[<|eos|>] exactly, each text non-empty."""
+    """[<think>text</think>]<answer>text</answer>[<|eos|>] exactly, each text printable and
+    not blank."""
     return WELL_FORMED.fullmatch(response) is not None
 
 
 def max_response_tokens(width: int) -> int:
     """Enough for a step-by-step answer at this width (characters bound tokens) plus slack."""
     return len(render(0, 0, True, width)[1]) + 8
+
+
+def world_tokens_bound(width: int) -> int:
+    """Tokens the longest evaluation sequence at this width can take, without a tokenizer: the
+    prompt (its special tokens count one each, every other character at most one, as digits are
+    single tokens), the <think> evaluate opens, then max_response_tokens."""
+    prompt = render(10 ** width - 1, 10 ** width - 1, False, width)[0]
+    return len(prompt.replace("<|bos|>", "B")) + 1 + max_response_tokens(width)
 
 
 @torch.no_grad()
@@ -638,11 +654,13 @@ def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: in
 # ---- checkpoints
 
 
-def save_checkpoint(path: str, model: Transformer, opt, step: int, cfg: Config, enc) -> None:
-    """Atomic: a temp file beside the target, then a rename (a crash never leaves half a file)."""
+def save_checkpoint(path: str, model: Transformer, opt, step: int, cfg: Config, enc,
+                    elapsed_s: float = 0.0) -> None:
+    """Atomic: a temp file beside the target, then a rename (a crash never leaves half a file).
+    elapsed_s: the run's training seconds so far (a resumed run's wall_seconds adds them)."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
              "step": step, "config": dataclasses.asdict(cfg), "tokenizer": tokenizer_state(enc),
-             "rng": torch.get_rng_state()}
+             "rng": torch.get_rng_state(), "elapsed_s": elapsed_s}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -683,12 +701,72 @@ def load_checkpoint(path: str, device: str = "cpu"
 # ---- training
 
 
+def check_device(name: str) -> None:
+    """--device must be auto, cpu, cuda, cuda:N or mps, and present here (ValueError if not)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name!r} is not auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= n:
+            raise ValueError(f"--device {name} but {n} CUDA GPU(s) are visible; use --device "
+                             f"cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps but MPS (Apple silicon) is not available here; use "
+                         "--device cpu or auto")
+
+
+def check_out_writable(out: str) -> None:
+    """--out must be a folder this process can create files in (ValueError if not). Probes with
+    a temporary folder that is removed at once: nothing is left behind."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {out} is a file, not a folder: pass a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out} lies below the file {parent}: pass a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as e:
+        raise ValueError(f"--out {out} is not writable ({e.strerror} in {parent}): pass a "
+                         f"folder you can write to")
+
+
+def check_shared(rates: dict[str, float], threads: int, device: str, out: str | None) -> None:
+    """The checks every script's config makes (train.py, grpo.py, distill.py): each rate (flag
+    name -> value) finite and > 0, --threads >= 0, --device known and present, --out writable.
+    Raises ValueError with a one-line message. out None: the script writes no --out."""
+    for flag, value in rates.items():
+        # nan slips through comparisons such as min(1.0, nan) or nan <= 0
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a finite number > 0 (got {value})")
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default; got {threads})")
+    check_device(device)
+    if out is not None:
+        check_out_writable(out)
+
+
+def check_fresh_out(out: str, files: tuple, resume_flag: bool = True) -> None:
+    """A fresh run refuses an --out that holds another run's files (SystemExit, one line):
+    nothing a user did is overwritten silently. --overwrite skips this check."""
+    found = [f for f in files if os.path.exists(os.path.join(out, f))]
+    if not found:
+        return
+    ways = "--resume to continue it, " if resume_flag else ""
+    raise SystemExit(f"error: {out} already holds an earlier run ({', '.join(found)}): pass "
+                     f"{ways}--overwrite to replace it, or a new --out (or remove the folder)")
+
+
 def pick_device(name: str) -> str:
     """--device: auto picks cuda (this process's GPU under torchrun), then mps, then cpu."""
+    try:
+        check_device(name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu "
-                             "or auto")
         return name
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -747,6 +825,72 @@ class Run:
     start: int                    # the first step to run (resume)
     ckpt_path: str
     metrics_path: str
+    elapsed_s: float = 0.0        # training seconds before this process (a resume's earlier parts)
+
+
+def remove_stale_temp_files(ckpt_path: str) -> None:
+    """save_checkpoint's temp files (ckpt.pt.tmp<PID>) left by a killed run."""
+    folder = os.path.dirname(ckpt_path) or "."
+    prefix = os.path.basename(ckpt_path) + ".tmp"
+    for name in os.listdir(folder):
+        if name.startswith(prefix):
+            os.remove(os.path.join(folder, name))
+
+
+def drop_rows_after(metrics_path: str, step: int) -> None:
+    """A resume from `step` repeats the steps after it: their old rows go (each step once)."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    tmp = f"{metrics_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, metrics_path)
+
+
+def flat_fields(d: dict) -> dict:
+    """Leaf fields of a nested asdict (the flag names: dim, kv_lora_rank, ...)."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat_fields(v) if isinstance(v, dict) else {k: v})
+    return out
+
+
+def config_differences(stored: Config, asked: Config) -> list[str]:
+    """What differs between a checkpoint's model (and world) and the one asked for, as
+    'dim 32 in the checkpoint, 64 asked'."""
+    a = flat_fields(dataclasses.asdict(stored.model))
+    b = flat_fields(dataclasses.asdict(asked.model))
+    for name in ("max_digits", "data"):
+        a[name] = getattr(stored.train, name)
+        b[name] = getattr(asked.train, name)
+    return [f"{k} {a[k]!r} in the checkpoint, {b[k]!r} asked" for k in a if a[k] != b.get(k)]
+
+
+def resume_from(ckpt_path: str, cfg: Config, model: Transformer, opt, enc, device: str
+                ) -> tuple[int, float]:
+    """Load --resume's checkpoint into model and opt; returns (its step, its elapsed seconds).
+    SystemExit, one line, when there is none, it is of another size, or it is past --steps."""
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: --resume but no checkpoint at {ckpt_path}: drop --resume to "
+                         f"start afresh, or pass the --out of the run to continue")
+    _, stored_enc, stored, ckpt = load_checkpoint(ckpt_path, device)
+    diffs = config_differences(stored, cfg)
+    if diffs or tokenizer_state(stored_enc) != tokenizer_state(enc):
+        raise SystemExit(f"error: {ckpt_path} is another model than the one asked for "
+                         f"({'; '.join(diffs) or 'the tokenizer differs'}): pass the flags "
+                         f"it was trained with, or a new --out")
+    step = ckpt["step"]
+    if step > cfg.train.steps:
+        raise SystemExit(f"error: {ckpt_path} is already at step {step}, past --steps "
+                         f"{cfg.train.steps}: pass --steps above {step} to train further")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    # checkpoints written before elapsed_s existed count as 0 seconds
+    return step, float(ckpt.get("elapsed_s", 0.0))
 
 
 def setup(cfg: Config) -> Run:
@@ -771,13 +915,15 @@ def setup(cfg: Config) -> Run:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95),
                             weight_decay=tc.weight_decay)
     # 3. resume, or start afresh (a fresh run's metrics start empty)
+    if rank == 0:
+        remove_stale_temp_files(ckpt_path)
+        remove_stale_temp_files(metrics_path)
     start = 0
-    if tc.resume and os.path.exists(ckpt_path):
-        _, _, _, ckpt = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
+    elapsed_s = 0.0
+    if tc.resume:
+        start, elapsed_s = resume_from(ckpt_path, cfg, model, opt, enc, device)
+        if rank == 0:
+            drop_rows_after(metrics_path, start)
         log(f"resumed from {ckpt_path} at step {start}", rank)
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
@@ -786,7 +932,7 @@ def setup(cfg: Config) -> Run:
     if tc.compile:
         ddp = compile_for_training(model, ddp)
     return Run(cfg, model, ddp, opt, enc, data, device, rank, world_size, start, ckpt_path,
-               metrics_path)
+               metrics_path, elapsed_s)
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, dict, dict]:
@@ -818,14 +964,15 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, dict, dict]:
     return loss, parts, balance
 
 
-def evaluate_and_save(run: Run, done: int) -> dict:
-    """Evaluate on held-out data, log to metrics.jsonl, save the checkpoint; returns the figures."""
+def evaluate_and_save(run: Run, done: int, elapsed_s: float = 0.0) -> dict:
+    """Evaluate on held-out data, log to metrics.jsonl, save the checkpoint; returns the figures.
+    elapsed_s: the run's training seconds so far (stored in the checkpoint)."""
     tc = run.cfg.train
     ev = run.data.evaluate(run.model, final=done == tc.steps)
     append_jsonl(run.metrics_path, {"step": done, **ev})
     shown = [k for k in ev if not k.startswith(("harder_", "format_rate", "think_rate_think"))]
     log(f"eval @ {done}: " + " | ".join(f"{k} {ev[k]:.4g}" for k in shown))
-    save_checkpoint(run.ckpt_path, run.model, run.opt, done, run.cfg, run.enc)
+    save_checkpoint(run.ckpt_path, run.model, run.opt, done, run.cfg, run.enc, elapsed_s)
     return ev
 
 
@@ -836,6 +983,10 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
     total, active = param_counts(run.model)
     log(f"model: {total:,} parameters, {active:,} active per token | vocab {run.enc.n_vocab} | "
         f"device {run.device} | {run.world_size} process(es)", run.rank)
+    if run.start >= tc.steps:
+        log(f"{run.ckpt_path} is already at step {run.start} = --steps: nothing to do; pass a "
+            f"larger --steps to train further", run.rank)
+        return {}
     t0 = time.time()
     last_log = t0
     tokens_seen = 0
@@ -859,12 +1010,13 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
             log(f"step {done:5d}/{tc.steps} | loss {row['loss']:.4f} (ce {row['ce']:.4f}) | "
                 f"{row['tokens_per_s']:,.0f} tok/s | {el:.0f}s elapsed, ETA {eta:.0f}s")
         if done % tc.eval_interval == 0 or done == tc.steps:
-            ev = evaluate_and_save(run, done)
+            ev = evaluate_and_save(run, done, run.elapsed_s + time.time() - t0)
             summary = {"heldout_" + k if k.startswith("accuracy") else k: v for k, v in ev.items()}
     if run.rank == 0 and summary:
         el = time.time() - t0
+        # wall_seconds covers the whole run, resumed parts included
         summary.update(tokens_per_second=tokens_seen / el, params_total=total,
-                       params_active=active, wall_seconds=el, steps=tc.steps,
+                       params_active=active, wall_seconds=run.elapsed_s + el, steps=tc.steps,
                        final_loss=loss.item())
         with open(os.path.join(tc.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -979,7 +1131,8 @@ def bench(cfg: Config, repeats: int = 10) -> dict:
 # ---- Hugging Face interop
 
 # Hugging Face DeepseekV3 parameter names -> ours, applied in order (gate_up_proj first: it holds
-# "up_proj").
+# "up_proj"). Both directions read it: from_hf renames HF's tensors, to_hf finds the tensor of ours
+# that fills each of HF's.
 HF_NAMES = [
     ("gate_up_proj", "w13"), ("model.embed_tokens", "embed"), ("model.norm", "norm"),
     ("lm_head", "head"), ("model.layers", "layers"), ("self_attn.q_proj", "attn.wq"),
@@ -989,6 +1142,22 @@ HF_NAMES = [
     ("self_attn.o_proj", "attn.wo"), ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "ffn_norm"), ("mlp.", "ffn."), ("gate_proj", "w1"),
     ("up_proj", "w3"), ("down_proj", "w2"), ("e_score_correction_bias", "bias")]
+# HF DeepseekV3Config fields -> ModelArgs fields (dotted: a sub-config), read both ways.
+HF_CONFIG = [
+    ("vocab_size", "vocab_size"), ("hidden_size", "dim"), ("num_hidden_layers", "n_layers"),
+    ("first_k_dense_replace", "n_dense_layers"), ("intermediate_size", "inter_dim"),
+    ("max_position_embeddings", "max_seq_len"), ("rms_norm_eps", "norm_eps"),
+    ("num_attention_heads", "mla.n_heads"), ("q_lora_rank", "mla.q_lora_rank"),
+    ("kv_lora_rank", "mla.kv_lora_rank"), ("qk_nope_head_dim", "mla.qk_nope_head_dim"),
+    ("qk_rope_head_dim", "mla.qk_rope_head_dim"), ("v_head_dim", "mla.v_head_dim"),
+    ("moe_intermediate_size", "moe.moe_inter_dim"), ("n_routed_experts", "moe.n_routed_experts"),
+    ("n_shared_experts", "moe.n_shared_experts"),
+    ("num_experts_per_tok", "moe.n_activated_experts"), ("n_group", "moe.n_expert_groups"),
+    ("topk_group", "moe.n_limited_groups"), ("routed_scaling_factor", "moe.route_scale")]
+# HF writes "none" where we write these values (q_lora_rank 0: no low-rank query).
+HF_NONE = {"q_lora_rank": 0, "n_group": 1, "topk_group": 1}
+# transformers 4.x: a module per expert (5.x stacks them, as we do)
+PER_EXPERT = re.compile(r"(.*experts)\.(\d+)\.(w\d)\.weight")
 
 
 def check_hf_config(hf_model: nn.Module) -> None:
@@ -1019,18 +1188,22 @@ def hf_rope(c) -> dict:
 def args_from_hf(c) -> ModelArgs:
     """ModelArgs equal to an HF DeepseekV3 config (no MTP modules, no stop ids)."""
     rope = hf_rope(c)
-    mla = MLAConfig(n_heads=c.num_attention_heads, q_lora_rank=c.q_lora_rank or 0,
-                    kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
-                    qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-                    rope_theta=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
-    moe = MoEConfig(moe_inter_dim=c.moe_intermediate_size, n_routed_experts=c.n_routed_experts,
-                    n_shared_experts=c.n_shared_experts, n_activated_experts=c.num_experts_per_tok,
-                    n_expert_groups=c.n_group or 1, n_limited_groups=c.topk_group or 1,
-                    route_scale=c.routed_scaling_factor)
-    return ModelArgs(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
-                     n_dense_layers=c.first_k_dense_replace, inter_dim=c.intermediate_size,
-                     max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
-                     pad_id=c.pad_token_id or 0, mla=mla, moe=moe, mtp=MTPConfig(n_mtp_depth=0))
+    kw = {"mla": {}, "moe": {}, "": {}}
+    for theirs, ours in HF_CONFIG:
+        sub, _, name = ours.rpartition(".")
+        value = getattr(c, theirs)
+        kw[sub][name] = HF_NONE.get(theirs, value) if value is None else value
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    mla = MLAConfig(**kw["mla"], rope_theta=theta)
+    return ModelArgs(**kw[""], pad_id=c.pad_token_id or 0, mla=mla, moe=MoEConfig(**kw["moe"]),
+                     mtp=MTPConfig(n_mtp_depth=0))
+
+
+def our_name(hf_name: str) -> str:
+    """The name of our tensor that holds HF's tensor hf_name."""
+    for theirs, ours in HF_NAMES:
+        hf_name = hf_name.replace(theirs, ours)
+    return hf_name
 
 
 def from_hf(cls, hf_model: nn.Module) -> Transformer:
@@ -1053,19 +1226,18 @@ def from_hf(cls, hf_model: nn.Module) -> Transformer:
         # n_shared_experts = 0: HF keeps empty Linears
         if w.numel() == 0:
             continue
-        for theirs, ours in HF_NAMES:
-            name = name.replace(theirs, ours)
+        name = our_name(name)
         w = w.detach().float().clone()
         if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
             w.view(H, dn + dr, -1)[:, dn:] = w.view(H, dn + dr, -1)[:, dn:][:, rows]
         elif name.endswith("attn.wkv_a.weight"):
             w[kv:] = w[kv:][rows]
-        m = re.match(r"(.*experts)\.(\d+)\.(w\d)\.weight", name)
+        m = PER_EXPERT.match(name)
         if name.endswith("experts.w13"):
             # [E, 2 inter, dim] = [gate; up]
             sd[name[:-2] + "1"], sd[name[:-2] + "3"] = w.chunk(2, dim=1)
         elif m:
-            # transformers 4.x: a module per expert, stacked below
+            # stacked below
             sd.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = w
         else:
             sd[name] = w
@@ -1076,8 +1248,177 @@ def from_hf(cls, hf_model: nn.Module) -> Transformer:
     return model
 
 
-# Defined here, in the interop section, and attached as Transformer.from_hf (the documented name).
+def import_transformers(purpose: str):
+    """The transformers module, or a one-line exit: it is optional (not in requirements.txt)."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(f"error: pip install transformers to {purpose} (it is optional)")
+    return transformers
+
+
+def hf_config(args: ModelArgs, **token_ids):
+    """The DeepseekV3Config on which HF computes exactly our model. Raises ValueError naming what
+    HF's DeepseekV3 cannot express. token_ids: bos/eos/pad_token_id."""
+    transformers = import_transformers("export to Hugging Face")
+    has_moe = args.n_layers > args.n_dense_layers
+    for bad, option in [
+            (has_moe and args.moe.score_func != "sigmoid",
+             f"score_func={args.moe.score_func!r} (HF's DeepseekV3 router is sigmoid)"),
+            (args.norm_eps != 1e-6, f"norm_eps={args.norm_eps} (HF's q/kv norms keep 1e-6)")]:
+        if bad:
+            raise ValueError(f"Transformer.to_hf: unsupported {option}")
+    kw = {}
+    for theirs, ours in HF_CONFIG:
+        sub, _, name = ours.rpartition(".")
+        kw[theirs] = getattr(getattr(args, sub) if sub else args, name)
+    # HF reads q_lora_rank 0 as a low-rank query of rank 0: None is its "plain wq"
+    kw["q_lora_rank"] = kw["q_lora_rank"] or None
+    # the training-only settings (balance, bias_update_speed, the aux losses) do not change the
+    # forward pass; rope_interleave=True is our (the official code's) pairing: no row reordering
+    return transformers.DeepseekV3Config(
+        **kw, num_key_value_heads=args.mla.n_heads, hidden_act="silu", norm_topk_prob=True,
+        tie_word_embeddings=False, attention_bias=False, rope_interleave=True,
+        rope_parameters={"rope_type": "default", "rope_theta": args.mla.rope_theta},
+        num_mtp_layers=0, **token_ids)
+
+
+@torch.no_grad()
+def to_hf(self: Transformer, **token_ids) -> nn.Module:
+    """A transformers DeepseekV3ForCausalLM with our config and weights (float32, eval mode): the
+    inverse of Transformer.from_hf. The MTP modules are left out: transformers' DeepseekV3 has no
+    MTP weights to load (the released V3 checkpoint stores them as an extra layer 61, which
+    transformers skips), and they only train and draft, never change the next-token logits.
+    Raises ValueError naming what HF cannot express. token_ids: bos/eos/pad_token_id for the
+    config (pad defaults to our pad_id)."""
+    transformers = import_transformers("export to Hugging Face")
+    token_ids.setdefault("pad_token_id", self.args.pad_id)
+    hf = transformers.DeepseekV3ForCausalLM(hf_config(self.args, **token_ids)).float().eval()
+    ours = {k: v.detach().float() for k, v in self.state_dict().items()}
+    used = set()
+    # 1. fill every HF tensor from the tensor of ours HF_NAMES names (empty ones: no shared expert)
+    for name, w in hf.state_dict().items():
+        if w.numel() == 0:
+            continue
+        mine = our_name(name)
+        m = PER_EXPERT.match(mine)
+        if mine.endswith("experts.w13"):
+            # [E, 2 inter, dim] = [gate; up]
+            parts = [mine[:-2] + "1", mine[:-2] + "3"]
+            w.copy_(torch.cat([ours[p] for p in parts], dim=1))
+        elif m:
+            parts = [f"{m[1]}.{m[3]}"]
+            w.copy_(ours[parts[0]][int(m[2])])
+        else:
+            parts = [mine]
+            w.copy_(ours[mine])
+        used.update(parts)
+    # 2. everything of ours but the MTP modules must have gone somewhere
+    left = [k for k in ours if k not in used and not k.startswith("mtp.")]
+    if left:
+        raise ValueError(f"Transformer.to_hf: no HF tensor for {left[:3]}")
+    return hf
+
+
+# Defined here, in the interop section, and attached as Transformer.from_hf and .to_hf (the
+# documented names).
 Transformer.from_hf = classmethod(from_hf)
+Transformer.to_hf = to_hf
+
+
+def bpe_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The pair tiktoken's BPE joins last to make token: token's bytes merged by lower ranks only
+    (always the lowest-ranked adjacent pair first) until two parts are left."""
+    rank = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if best >= rank:
+            raise ValueError(f"token {token!r} is not reachable by merges of lower rank")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def hf_tokenizer(enc: tiktoken.Encoding, model_max_length: int | None = None):
+    """Our tiktoken BPE as a transformers PreTrainedTokenizerFast that encodes and decodes
+    identically: the same ranks as a byte-level BPE (merges recovered by bpe_merge, in rank
+    order), the same PAT_STR split, the specials as added tokens with our ids."""
+    transformers = import_transformers("export to Hugging Face")
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    # 1. byte-level BPE: each byte is one printable character (GPT-2's table), as tokenizers wants
+    byte_char = bytes_to_unicode()
+
+    def chars(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    ranks = enc._mergeable_ranks
+    vocab = {chars(t): r for t, r in ranks.items()}
+    merges = [tuple(map(chars, bpe_merge(ranks, t)))
+              for t in sorted(ranks, key=ranks.get) if len(t) > 1]
+    # ignore_merges: a chunk that is a whole token is that token (as in tiktoken)
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    # 2. split like tiktoken's pat_str, then map bytes to characters (no regex of its own)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # 3. the specials, after the ranks, in our id order
+    specials = sorted(enc._special_tokens, key=enc._special_tokens.get)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    for s in specials:
+        if tok.token_to_id(s) != enc._special_tokens[s]:
+            raise ValueError(f"special token {s} would get id {tok.token_to_id(s)}, not "
+                             f"{enc._special_tokens[s]}")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        model_max_length=model_max_length)
+
+
+def is_hf_export(path: str) -> bool:
+    """Whether path holds a previous export (a DeepseekV3 config.json), which may be replaced."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type") == "deepseek_v3"
+    except (OSError, ValueError):
+        return False
+
+
+def export_hf(model: Transformer, enc: tiktoken.Encoding, path: str) -> list[str]:
+    """Write a Hugging Face folder that AutoModelForCausalLM and AutoTokenizer.from_pretrained
+    load offline: config.json, model.safetensors, generation_config.json (greedy, stopping at our
+    stop ids) and the tokenizer (hf_tokenizer). Refuses a non-empty folder that is not a previous
+    export. Returns the files written."""
+    transformers = import_transformers("export to Hugging Face")
+    # 1. never overwrite a folder of something else
+    if os.path.isdir(path) and os.listdir(path) and not is_hf_export(path):
+        raise SystemExit(f"error: {path} is not empty and not a previous export: pass an empty "
+                         f"or new folder")
+    # 2. the model, its config carrying our special ids
+    ids = {name: special_id(enc, tok) for name, tok in
+           [("bos", "<|bos|>"), ("eos", "<|eos|>"), ("pad", "<|pad|>")]}
+    stop = list(model.args.stop_ids) or [special_id(enc, "</answer>"), ids["eos"]]
+    hf = model.to_hf(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    hf.generation_config = transformers.GenerationConfig(
+        bos_token_id=ids["bos"], eos_token_id=stop, pad_token_id=ids["pad"], do_sample=False)
+    # 3. write the model and the tokenizer
+    os.makedirs(path, exist_ok=True)
+    hf.save_pretrained(path)
+    hf_tokenizer(enc, model.args.max_seq_len).save_pretrained(path)
+    return sorted(os.path.join(path, f) for f in os.listdir(path))
+
+
+def export_main(cfg: Config) -> None:
+    """--export-hf DIR: the checkpoint --ckpt (or <out>/ckpt.pt) as a Hugging Face folder."""
+    path = cfg.train.ckpt or os.path.join(cfg.train.out, "ckpt.pt")
+    model, enc, _, _ = load_checkpoint(path)
+    try:
+        written = export_hf(model.eval(), enc, cfg.train.export_hf)
+    except ValueError as e:
+        raise SystemExit(f"error: {path} cannot be exported: {e}")
+    print(f"exported {path} to {cfg.train.export_hf}:")
+    for f in written:
+        print(f"  {os.path.basename(f):24s} {os.path.getsize(f):>10,d} bytes")
 
 
 # ---- command line
@@ -1166,12 +1507,25 @@ def check_config(cfg: Config) -> None:
     cfg.model.mla.validate()
     cfg.model.moe.validate()
     tc = cfg.train
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_n", "max_digits"):
+    positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_n", "max_digits",
+                "eval_interval", "log_interval")
+    for name in positive:
         if getattr(tc, name) <= 0:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be positive (got {getattr(tc, name)})")
     if tc.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds --max-seq-len {cfg.model.max_seq_len}")
+    # --sample and --export-hf only read --out
+    writes_out = not (tc.sample or tc.export_hf)
+    check_shared({"--lr": tc.lr, "--grad-clip": tc.grad_clip}, tc.threads, tc.device,
+                 tc.out if writes_out else None)
+    # the final evaluation's harder split writes one digit more than training
+    width = tc.max_digits + 1
+    need = world_tokens_bound(width)
+    if not tc.data and need > cfg.model.max_seq_len:
+        raise ValueError(f"--max-digits {tc.max_digits}: the harder split's prompt + worked "
+                         f"answer (width {width}) need up to {need} tokens, over --max-seq-len "
+                         f"{cfg.model.max_seq_len}: lower --max-digits or raise --max-seq-len")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -1180,7 +1534,12 @@ def parse_config(argv: list[str] | None = None) -> Config:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--student", action="store_true")
     pre.add_argument("--tiny", action="store_true")
+    pre.add_argument("--sample", default=None)
     known = pre.parse_known_args(argv)[0]
+    # an empty --sample would otherwise start a training run over <out>'s files
+    if known.sample is not None and not known.sample.strip():
+        raise SystemExit('error: --sample needs a prompt (got an empty one), e.g. '
+                         '--sample "123+456="')
     if known.tiny:
         cfg = tiny_config(student=known.student)
     elif known.student:
@@ -1198,11 +1557,30 @@ def sample_main(cfg: Config) -> None:
     plain = cfg.train.sample.startswith("<|bos|>") or ckpt_cfg.train.data
     prompt = cfg.train.sample if plain else "<|bos|>" + cfg.train.sample
     g = torch.Generator().manual_seed(cfg.train.seed)
-    n_new = min(model.args.max_seq_len - len(encode(enc, prompt)) - 1, 160)
+    n_prompt = len(encode(enc, prompt))
+    # generate() holds prompt + new tokens within max_seq_len
+    n_new = min(model.args.max_seq_len - n_prompt, 160)
+    if n_new < 1:
+        raise SystemExit(f"error: --sample's prompt is {n_prompt} tokens; this model holds "
+                         f"{model.args.max_seq_len} (prompt + completion): shorten the prompt "
+                         f"to at most {model.args.max_seq_len - 1} tokens")
     print(f"prompt: {prompt}")
     print(f"greedy : {generate_texts(model, enc, [prompt], n_new)[0]}")
     for r in generate_texts(model, enc, [prompt] * 3, n_new, temperature=1.0, generator=g):
         print(f"T=1    : {r}")
+
+
+def interrupted_message(out: str, argv: list[str]) -> str:
+    """What Ctrl-C prints: the last good checkpoint and the command that resumes from it."""
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if not os.path.exists(ckpt_path):
+        return f"interrupted before the first checkpoint: nothing saved in {out}"
+    # the same flags again, minus the ones that would start afresh, plus --resume
+    kept = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")]
+    if "--out" not in kept and not any(a.startswith("--out=") for a in kept):
+        kept += ["--out", out]
+    command = shlex.join(["python", "train.py", "--resume", *kept])
+    return f"interrupted: the last good checkpoint is {ckpt_path}; resume with `{command}`"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1211,9 +1589,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.sample:
         return sample_main(cfg)
+    if cfg.train.export_hf:
+        return export_main(cfg)
     if cfg.train.bench:
         print(json.dumps(bench(cfg), indent=2))
         return
+    if not (cfg.train.resume or cfg.train.overwrite):
+        check_fresh_out(cfg.train.out, ("ckpt.pt", "metrics.jsonl"))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         # before init: NCCL binds each process to its own GPU
         if torch.cuda.is_available():
@@ -1224,6 +1606,11 @@ def main(argv: list[str] | None = None) -> None:
         # rank 0 still evaluates and saves: tearing gloo down under it aborts the other ranks
         if dist.is_initialized():
             dist.barrier()
+    except KeyboardInterrupt:
+        # Ctrl-C: one line naming what survives and how to go on, no traceback; 130 = SIGINT
+        print(interrupted_message(cfg.train.out, sys.argv[1:] if argv is None else argv),
+              file=sys.stderr, flush=True)
+        raise SystemExit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -125,8 +125,7 @@ def test_student_is_smaller_dense_and_shares_the_tokenizer():
     student_cfg = train.student_config(cfg)
     enc, _ = tiny_world()
     teacher, student = train.build_model(cfg, enc, "cpu"), train.build_model(student_cfg, enc, "cpu")
-    n = lambda m: sum(p.numel() for p in m.parameters())        # noqa: E731
-    assert n(student) < n(teacher) / 4
+    assert train.param_counts(student)[0] < train.param_counts(teacher)[0] / 4
     assert student_cfg.model.dim < cfg.model.dim and student_cfg.model.n_layers < cfg.model.n_layers
     assert not any(isinstance(m, MoE) for m in student.modules()) and len(student.mtp) == 0
     assert any(isinstance(m, MoE) for m in teacher.modules())
