@@ -102,18 +102,19 @@ def keep_trace(text: str, target: int) -> bool:
 
 @torch.no_grad()
 def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, int]], width: int,
-                   samples: int, temperature: float, seed: int = 0, chunk: int = 256
-                   ) -> tuple[grpo.Rollout, dict]:
+                   samples: int, temperature: float, seed: int = 0, chunk: int = 256,
+                   world: str = "zero") -> tuple[grpo.Rollout, dict]:
     """The teacher answers every problem `samples` times; keep_trace filters. Returns the kept rows
     as a grpo.Rollout (tokens [N, T] right-padded, mask [N, T-1] on response tokens) and counts."""
     g = torch.Generator(device=next(teacher.parameters()).device).manual_seed(seed)
-    n_new = train.max_response_tokens(width)
+    n_new = train.max_response_tokens(width, world, enc)
     kept = []
     n_generated = 0
     # 1. sample in chunks, keeping the rows that pass the filter
     for i in range(0, len(problems), chunk):
         part = problems[i:i + chunk]
-        ro = grpo.rollout(teacher, enc, grpo.template(part, width), [a + b for a, b in part],
+        ro = grpo.rollout(teacher, enc, grpo.template(part, width, world),
+                          [a + b for a, b in part],
                           samples, temperature, n_new, generator=g)
         for j, (text, target) in enumerate(zip(ro.texts, ro.targets)):
             if keep_trace(text, target):
@@ -267,7 +268,8 @@ def one_seed(cfg: DistillConfig, teacher: train.Transformer, enc, traces: grpo.R
         model = trainable_copy(student)
         losses = distill_train(model, traces, cfg, mode, teacher, seed)
         seconds = time.time() - t
-        ev = grpo.evaluate_policy(model, enc, heldout, width, k=1, seed=seed)
+        ev = grpo.evaluate_policy(model, enc, heldout, width, k=1, seed=seed,
+                                  world=scfg.train.world)
         out[method] = {"accuracy": ev["accuracy"], "think_rate": ev["think_rate"],
                        "length": ev["mean_length"], "seconds": seconds, "final_loss": losses[-1]}
         say(method)
@@ -351,7 +353,8 @@ def run(cfg: DistillConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     width = teacher_cfg.train.max_digits
     heldout = train.eval_split("heldout", cfg.n, width)
-    teacher_ev = grpo.evaluate_policy(teacher, enc, heldout, width, k=1)
+    world = teacher_cfg.train.world
+    teacher_ev = grpo.evaluate_policy(teacher, enc, heldout, width, k=1, world=world)
     print(f"teacher {cfg.teacher}: held-out accuracy {teacher_ev['accuracy']:.3f}, think rate "
           f"{teacher_ev['think_rate']:.2f}", flush=True)
     # 2. rejection sampling on training prompts (never a held-out one)
@@ -359,7 +362,7 @@ def run(cfg: DistillConfig) -> dict:
     rng = random.Random("distill-traces")
     problems = grpo.training_problems(rng, cfg.trace_prompts, width, excluded)
     traces, trace_stats = teacher_traces(teacher, enc, problems, width, cfg.trace_samples,
-                                         cfg.trace_temperature)
+                                         cfg.trace_temperature, world=world)
     print(f"rejection sampling: kept {trace_stats['n_traces_kept']} of "
           f"{trace_stats['n_traces_generated']} teacher samples (T = {cfg.trace_temperature}) | "
           f"{time.time() - t0:.0f}s", flush=True)

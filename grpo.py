@@ -4,48 +4,56 @@ The idea: RL without a value network or a reward model. For each prompt q, sampl
 responses from the policy, score each with a rule, and let the group be its own baseline: a
 response is pushed up or down by how much better it did than its siblings.
 
-    A_i    = (r_i - mean(r)) / std(r)       GRPO, DeepSeekMath eq. 3 (advantage="std",
-                                            population std)
+    A_i    = (r_i - mean(r)) / std(r)       GRPO, DeepSeekMath eq. 3 (advantage="std"; we use
+                                            the population std, ddof 0, of the G rewards)
     A_i    =  r_i - mean(r)                 Dr. GRPO, Liu et al. 2025 (advantage="mean")
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     l_it   = min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it
-    KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1    (k3: >= 0; unbiased for samples
-                                                            drawn from the current policy)
-    J      = mean_i (1/|o_i|) sum_t l_it    GRPO (aggregation="seq")
+    KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1    (k3, DeepSeekMath eq. 4: >= 0;
+                                                            unbiased only for tokens sampled
+                                                            from the current policy pi_theta)
+    J      = mean_i (1/|o_i|) sum_t l_it    GRPO, DeepSeekMath eq. 3 (aggregation="seq")
            = sum_it l_it / sum_i |o_i|      DAPO, Yu et al. 2025 (aggregation="token")
            = sum_it l_it / (N L_max)        Dr. GRPO (aggregation="constant")
 
 pi_old sampled the batch; we take mu gradient steps on it, then sample again. With mu = 1
 (default) rho == 1, the clip never acts and the gradient is REINFORCE with a group-mean baseline;
 the logged loss is ~0 (advantages average to 0), as expected. Clipping (and DAPO's clip-higher,
-eps_high > eps_low) acts when mu > 1, with pi_old's log-probs stored at sampling time.
+eps_high > eps_low) acts when mu > 1, with pi_old's log-probs stored at sampling time. So the
+default run is Dr. GRPO's advantage with DAPO's token mean, mu = 1, beta = 0, not DeepSeekMath's
+GRPO as written (--advantage std --aggregation seq --beta 0.04 --mu 2 is closer to it).
 
-R1-Zero's template (R1 Table 1) asks the model to reason inside <think>...</think> first, then
-answer inside <answer>...</answer>. A tiny model cannot read instructions: ours is the bare prompt
-`<|bos|>{a}+{b}=`, and whether to think is left to the model. Rewards are rules, parsed, never
-executed (train.parse_answer and train.well_formed: the one judge of the project):
+R1-Zero's template (R1 Table 1, arXiv 2501.12948 v1 §2.2.3) tells the model to reason inside
+<think>...</think> first, then answer inside <answer>...</answer>. A tiny model cannot read an
+instruction, so our template writes the tag it asks for: the prompt is `<|bos|>{a}+{b}=<think>`
+and every response thinks. The rule rewards (§2.2.2), summed, parsed and never executed
+(train.parse_answer and train.well_formed: the one judge of the project), score the whole
+response, the template's <think> included:
     accuracy  exactly one <answer>...</answer>, its text ASCII digits (at most 40), equal to
               the target
-    format    optionally ONE non-empty <think>...</think>, then exactly ONE non-empty
-              <answer>...</answer>, nothing else. `--reward format` rewards this alone: a control
-              with no accuracy jump.
+    format    one non-empty <think>...</think>, then exactly one non-empty <answer>...</answer>,
+              nothing else. `--reward format` rewards this alone: a control with no accuracy jump.
 
-The run. The pretrained model (train.py) can reason but rarely chooses to. Rewarded for right
-answers only, it discovers that thinking pays: reasoning rate, response length and accuracy climb
-together (out/grpo/grpo.png). Defaults, chosen for stability at this scale: 16 prompts x G = 8,
-T = 1, mu = 1, advantage r - mean (Dr. GRPO), token mean (DAPO), beta = 0 (a KL penalty collapsed
-small runs; k3 is kept, tested and logged), 40 steps, AdamW lr 1e-4: a fresh AdamW moves every
-weight by ~lr per step (m/sqrt(v) ~ sign g), and 3e-4 already damaged the pretrained scratchpad
-skill. MTP modules are ignored (the loss uses the main head); MoE gate biases keep balancing once
-per optimizer step.
+What RL can grow here (train.py's zero world): the corpus's writers draft a hasty answer, then
+work columns from the right and mostly stop early, so the pretrained model thinks briefly and is
+often wrong; working more columns is longer and more often right, a few writers (~4%) check the
+rest and correct a slip, and ~15% switch notation midway. R1-Zero's length growth (Fig. 3),
+"aha" checks (§2.2.4) and language mixing (§2.3) are then RL amplifying behaviours the base model
+samples rarely, which is what they are at this scale: nothing here appears from nothing.
+
+Defaults, chosen for stability at this scale: 16 prompts x G = 8, T = 1, mu = 1, advantage
+r - mean (Dr. GRPO), token mean (DAPO), beta = 0 (a KL penalty collapsed small runs; k3 is kept,
+tested and logged), AdamW lr 1e-4: a fresh AdamW moves every weight by ~lr per step
+(m/sqrt(v) ~ sign g), and 3e-4 already damaged the pretrained scratchpad skill. MTP modules are
+ignored (the loss uses the main head); MoE gate biases keep balancing once per optimizer step.
 
     python grpo.py                      # RL from out/pretrain/ckpt.pt -> out/grpo/
     python grpo.py --reward format      # the format-only control -> out/grpo_format_control/
     python grpo.py --eval CKPT --json   # evaluate any checkpoint: greedy, T = 1, pass@k
 
 The file, in reading order: config; rule-based rewards; rollouts; the GRPO objective
-(group_advantages, k3_kl, grpo_loss); evaluation; the RL loop (grpo_step, rl_train); the run's
-files and rollout speed; command line.
+(group_advantages, k3_kl, grpo_loss); evaluation and the aha exhibit; the RL loop (grpo_step,
+rl_train); the run's files and rollout speed; command line.
 """
 from __future__ import annotations
 
@@ -54,7 +62,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,7 +70,8 @@ import train
 
 AGGREGATIONS = ("seq", "token", "constant")
 # printed each step
-STEP_LOG = ("reward", "accuracy", "think_rate", "length", "kl", "entropy", "zero_var_frac")
+STEP_LOG = ("reward", "accuracy", "length", "steps_worked", "verification_rate", "mixing_rate",
+            "kl", "entropy", "zero_var_frac")
 
 
 @dataclass
@@ -80,10 +89,10 @@ class GRPOConfig:
     aggregation: str = "token"    # "seq" (GRPO) | "token" (DAPO) | "constant" (Dr. GRPO)
     skip_zero_var: bool = False   # drop groups whose rewards are all equal (no signal)
     reward: str = "accuracy"      # "accuracy" (+ format_weight x format) | "format" (control)
-    format_weight: float = 0.0    # 0: the base's answers are already well-formed
+    format_weight: float = 1.0    # the format reward's weight beside accuracy (R1: summed)
     n: int = 200                  # evaluation problems
     pass_k: int = 4               # T = 1 samples per evaluation problem (pass@1 and pass@k)
-    eval_interval: int = 10       # evaluate and save every this many steps
+    eval_interval: int = 5        # evaluate (steps_to_90) and save every this many steps
     bench_prompts: int = 4        # prompts (x G) of the rollout-speed benchmark; 0 = skip
     split: str = "heldout"        # --eval split: "heldout" | "harder"
     eval: str = ""                # --eval CKPT: evaluate a checkpoint and exit
@@ -123,7 +132,9 @@ class GRPOConfig:
 
 
 def format_reward(completion: str) -> float:
-    """1.0 if completion is [<think>text</think>]<answer>text</answer>[<|eos|>], else 0.0."""
+    """1.0 if completion is [<think>text</think>]<answer>text</answer>[<|eos|>], else 0.0. In the
+    zero world every response starts with the template's <think>, so this is R1's format: one
+    non-empty think block, then exactly one answer, nothing else."""
     return float(train.well_formed(completion))
 
 
@@ -138,9 +149,11 @@ def accuracy_reward(completion: str, target) -> float:
     return float(answer is not None and bool(answer == value))
 
 
-def reward(completion: str, target: int, kind: str = "accuracy", format_weight: float = 0.0
+def reward(completion: str, target: int, kind: str = "accuracy", format_weight: float = 1.0
            ) -> float:
-    """The training reward: accuracy (+ format_weight x format), or format alone (the control)."""
+    """The training reward: accuracy + format_weight x format (R1 §2.2.2 sums the two rule
+    rewards), or format alone (the control). completion: the whole response, the template's
+    opening <think> included."""
     if not isinstance(completion, str):
         raise ValueError(f"a completion must be a str, got {type(completion).__name__}: "
                          f"decode the ids first")
@@ -162,9 +175,10 @@ def mean_of(fn, *columns) -> float:
 # ---- rollouts
 
 
-def template(problems: list[tuple[int, int]], width: int) -> list[str]:
-    """The prompt: the bare task, `<|bos|>{a}+{b}=` written at `width` digits."""
-    return [train.render(a, b, False, width)[0] for a, b in problems]
+def template(problems: list[tuple[int, int]], width: int, world: str = "zero") -> list[str]:
+    """The prompts: `<|bos|>{a}+{b}=<think>` at `width` digits (R1 Table 1's think-first template,
+    the instruction written as the tag it asks for); the choice world's bare task without it."""
+    return [train.prompt_text(a, b, width, world) for a, b in problems]
 
 
 def training_problems(rng: random.Random, k: int, width: int, excluded: set
@@ -184,9 +198,10 @@ class Rollout:
     mask: torch.Tensor            # [N, T-1] 1.0 where the target tokens[:, t+1] is a response token
     group_ids: torch.Tensor       # [N] which prompt each row answers
     rewards: torch.Tensor         # [N]
-    texts: list                   # [N] decoded responses
+    texts: list                   # [N] decoded responses, the template's <think> included
     targets: list                 # [N] each row's right answer
     seconds: float                # time spent generating
+    ids: list = field(default_factory=list)  # [N] each response's generated token ids
 
 
 def rollout(model: train.Transformer, enc, prompts: list[str], targets: list[int], G: int,
@@ -210,14 +225,15 @@ def rollout(model: train.Transformer, enc, prompts: list[str], targets: list[int
     for i, (p, r) in enumerate(zip(rows, responses)):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
-    # 3. score the decoded texts
-    texts = [enc.decode(r) for r in responses]
+    # 3. score the decoded texts, with the part of the response the template wrote
+    opened = ["<think>" if p.endswith("<think>") else "" for p in prompts for _ in range(G)]
+    texts = [o + enc.decode(r) for o, r in zip(opened, responses)]
     row_targets = [y for y in targets for _ in range(G)]
     rewards = [reward_fn(t, y) for t, y in zip(texts, row_targets)]
     dev = next(model.parameters()).device
     group_ids = torch.arange(len(prompts)).repeat_interleave(G)
     return Rollout(tokens.to(dev), mask.to(dev), group_ids.to(dev),
-                   torch.tensor(rewards, device=dev), texts, row_targets, seconds)
+                   torch.tensor(rewards, device=dev), texts, row_targets, seconds, responses)
 
 
 def token_logprobs(model: train.Transformer, tokens: torch.Tensor
@@ -328,11 +344,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: tor
 
 
 def evaluate_policy(model: train.Transformer, enc, problems: list[tuple[int, int]], width: int,
-                    k: int = 4, seed: int = 0) -> dict:
-    """train.evaluate's greedy (own choice) and T = 1 modes, under RL's names: accuracy,
-    think_rate, format_rate, mean_length (greedy), the same with _t1 (k samples per problem at
-    T = 1; accuracy_t1 is pass@1), pass_at_k, k, n."""
-    ev = train.evaluate(model, enc, problems, width, modes=("greedy", "t1"), k=k, seed=seed)
+                    k: int = 4, seed: int = 0, world: str = "zero") -> dict:
+    """train.evaluate's greedy and T = 1 modes on the world's template, under RL's names:
+    accuracy, think_rate, format_rate, mean_length, steps_worked, verification_rate,
+    correction_rate, consistency, mixing_rate, truncation_rate (greedy), the same with _t1 (k
+    samples per problem at T = 1; accuracy_t1 is pass@1), pass_at_k, k, n."""
+    ev = train.evaluate(model, enc, problems, width, modes=("greedy", "t1"), k=k, seed=seed,
+                        world=world)
     return {key.replace("_greedy", ""): v for key, v in ev.items()}
 
 
@@ -342,7 +360,50 @@ def evaluate_checkpoint(path: str, n: int = 200, split: str = "heldout", k: int 
     model, enc, cfg, _ = train.load_checkpoint(path, device)
     problems = train.eval_split(split, n, cfg.train.max_digits)
     width = cfg.train.max_digits + (split == "harder")
-    return {"split": split, **evaluate_policy(model, enc, problems, width, k, seed)}
+    return {"split": split, **evaluate_policy(model, enc, problems, width, k, seed,
+                                              cfg.train.world)}
+
+
+def is_aha(text: str, target: int) -> bool:
+    """The aha pattern, by rule: the response checks its work, the check ends on a different
+    number than its first pass (a slip found), and the answer it gives is right."""
+    trace = train.parse_trace(text)
+    return trace["corrected"] and train.parse_answer(text) == target
+
+
+def behaviours(texts: list[str], targets: list[int], width: int) -> dict:
+    """Does checking pay? The share and the accuracy of responses that stop early (some columns
+    left as drafted, no check), check, or work every column, e.g. early_accuracy, early_share."""
+    kinds = {"early": [], "check": [], "full": []}
+    for text, target in zip(texts, targets):
+        trace = train.parse_trace(text)
+        kind = "check" if trace["verified"] else "full" if trace["worked"] > width else "early"
+        kinds[kind].append(train.parse_answer(text) == target)
+    out = {}
+    for kind, right in kinds.items():
+        out[f"{kind}_share"] = len(right) / len(texts)
+        out[f"{kind}_accuracy"] = sum(right) / len(right) if right else None
+    return out
+
+
+@torch.no_grad()
+def aha_exhibit(model: train.Transformer, enc, problems: list[tuple[int, int]], width: int,
+                world: str = "zero", k: int = 4, seed: int = 0, show: int = 3) -> dict:
+    """Sample k responses per problem at T = 1 and keep, by is_aha, those in which the model
+    verifies, finds its own slip and fixes it. Returns aha_rate, aha_traces (up to `show`) and
+    the behaviours of the samples."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    prompts = template(problems, width, world)
+    targets = [a + b for a, b in problems]
+    ro = rollout(model, enc, prompts, targets, k, 1.0, train.max_response_tokens(width, world, enc),
+                 accuracy_reward, g)
+    prompt_of = [p for p in prompts for _ in range(k)]
+    # the text includes the template's <think>: print the prompt without it
+    found = [p.removesuffix("<think>") + t for p, t, y in zip(prompt_of, ro.texts, ro.targets)
+             if is_aha(t, y)]
+    return {"aha_rate": len(found) / len(ro.texts), "aha_traces": found[:show],
+            **behaviours(ro.texts, ro.targets, width)}
 
 
 # ---- the RL loop
@@ -386,13 +447,14 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
              base_cfg: train.Config, reward_fn=None, verbose: bool = True) -> dict:
     """GRPO on model, in place. Writes metrics.jsonl and ckpt.pt (train.py's format) to out_dir as
     it goes (None: nothing); write_outputs adds summary.json and grpo.png. Returns the summary.
-    base_cfg: the pretraining Config (the world's width; saved in the checkpoints).
+    base_cfg: the pretraining Config (the world and its width; saved in the checkpoints).
     reward_fn(text, target) -> float overrides cfg.reward / cfg.format_weight."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     width = base_cfg.train.max_digits
+    world = base_cfg.train.world
     device = next(model.parameters()).device
-    n_new = train.max_response_tokens(width)
+    n_new = train.max_response_tokens(width, world, enc)
     heldout = train.eval_split("heldout", cfg.n, width)
     # never trained on: every problem any evaluation of this world uses
     excluded = set(train.eval_split("heldout", max(cfg.n, base_cfg.train.eval_n), width))
@@ -420,31 +482,33 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
         return reward(text, target, cfg.reward, cfg.format_weight)
 
     def held_out_eval(step: int, k: int) -> dict:
-        ev = evaluate_policy(model, enc, heldout, width, k, cfg.seed)
+        ev = evaluate_policy(model, enc, heldout, width, k, cfg.seed, world)
         log_row({"step": step, **{"heldout_" + key: v for key, v in ev.items()}})
-        say(f"eval @ {step}: held-out " + " | ".join(f"{k} {ev[k]:.3f}" for k in list(ev)[:4]))
+        shown = ("accuracy", "mean_length", "verification_rate", "mixing_rate", "accuracy_t1")
+        say(f"eval @ {step}: held-out " + " | ".join(f"{k} {ev[k]:.3f}" for k in shown))
         return ev
 
     t_start = time.time()
     before = held_out_eval(0, cfg.pass_k)
     after = before
+    steps_to_90 = 0 if before["accuracy"] >= 0.9 else None
     model.train()
     for step in range(1, cfg.steps + 1):
         # 1. a rollout batch on fresh training problems, scored by the rule
         problems = training_problems(rng, cfg.n_prompts, width, excluded)
-        prompts = template(problems, width)
+        prompts = template(problems, width, world)
         targets = [a + b for a, b in problems]
         ro = rollout(model, enc, prompts, targets, cfg.group_size, cfg.temperature, n_new, score,
                      gen)
         # 2. one GRPO update on it
         stats = grpo_step(model, opt, ref, ro, cfg, n_new)
-        # 3. log what the rollouts did
-        lengths = ro.mask.sum(1)
+        # 3. log what the rollouts did (trace_metrics' mean_length is logged as length)
+        figures = train.trace_metrics(ro.texts, ro.ids, n_new)
+        figures["length"] = figures.pop("mean_length")
         row = {"step": step, "reward": ro.rewards.mean().item(),
-               "accuracy": mean_of(accuracy_reward, ro.texts, ro.targets),
-               "format_rate": mean_of(format_reward, ro.texts),
-               "think_rate": mean_of(thinks, ro.texts), "length": lengths.mean().item(), **stats,
-               "rollout_tokens_per_s": lengths.sum().item() / ro.seconds,
+               "accuracy": mean_of(accuracy_reward, ro.texts, ro.targets), **figures, **stats,
+               "lengths": [len(r) for r in ro.ids],
+               "rollout_tokens_per_s": sum(map(len, ro.ids)) / ro.seconds,
                "elapsed_s": time.time() - t_start}
         log_row(row)
         say(f"step {step:3d}/{cfg.steps} | " + " | ".join(f"{k} {row[k]:.3g}" for k in STEP_LOG)
@@ -452,47 +516,77 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
         # 4. evaluate and save now and then (pass@k only at the end)
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             after = held_out_eval(step, cfg.pass_k if step == cfg.steps else 1)
+            if steps_to_90 is None and after["accuracy"] >= 0.9:
+                steps_to_90 = step
             if out_dir:
                 ckpt = os.path.join(out_dir, "ckpt.pt")
                 train.save_checkpoint(ckpt, model, opt, step, base_cfg, enc)
     summary = {}
     for when, ev in (("before", before), ("after", after)):
-        for key in ("accuracy", "accuracy_t1", "pass_at_k", "think_rate", "mean_length"):
+        for key in SUMMARY_KEYS:
             summary[f"{key.replace('mean_', '')}_{when}"] = ev[key]
-    summary.update(steps=cfg.steps, wall_seconds=time.time() - t_start, n=cfg.n, pass_k=cfg.pass_k)
-    for key in ("reward", "advantage", "aggregation", "lr", "beta", "mu", "seed"):
+    summary.update(steps_to_90=steps_to_90, steps=cfg.steps, wall_seconds=time.time() - t_start,
+                   n=cfg.n, pass_k=cfg.pass_k, world=world)
+    for key in ("reward", "format_weight", "advantage", "aggregation", "lr", "beta", "mu",
+                "seed"):
         summary[key] = getattr(cfg, key)
     return summary
+
+
+# the held-out figures the summary keeps, before and after RL (mean_length as length_*)
+SUMMARY_KEYS = ("accuracy", "accuracy_t1", "pass_at_k", "think_rate", "format_rate",
+                "mean_length", "steps_worked", "verification_rate", "correction_rate",
+                "consistency", "mixing_rate", "truncation_rate", "mean_length_t1",
+                "verification_rate_t1", "mixing_rate_t1")
 
 
 # ---- the run's files and rollout speed
 
 
 def write_outputs(summary: dict, out_dir: str) -> None:
-    """summary.json and grpo.png beside rl_train's metrics.jsonl."""
+    """summary.json and grpo.png beside rl_train's metrics.jsonl (and aha.txt when the summary
+    carries aha_traces)."""
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    if summary.get("aha_traces"):
+        with open(os.path.join(out_dir, "aha.txt"), "w") as f:
+            f.write("\n\n".join(summary["aha_traces"]) + "\n")
     plot_run(os.path.join(out_dir, "metrics.jsonl"), out_dir)
 
 
 def plot_run(metrics_path: str, out_dir: str) -> None:
-    """grpo.png: accuracy/reward and mean response length vs RL step (R1 Figures 2-3 in
-    miniature). A bare Figure, not pyplot: saving must not switch a notebook's backend."""
+    """grpo.png: accuracy and reward; mean response length (R1 Fig. 3 in miniature); the rates of
+    reasoning behaviours; the rollouts' length histograms at the start, middle and end. A bare
+    Figure, not pyplot: saving must not switch a notebook's backend."""
     from matplotlib.figure import Figure
     rows = [json.loads(line) for line in open(metrics_path)]
-    fig = Figure(figsize=(11, 3.8))
-    axes = fig.subplots(1, 2)
-    panels = [(axes[0], ("reward", "accuracy", "think_rate", "heldout_accuracy"),
-               "accuracy and reward"),
-              (axes[1], ("length", "heldout_mean_length"), "mean response length (tokens)")]
+    steps = [r for r in rows if "lengths" in r]
+    fig = Figure(figsize=(12, 7.5))
+    axes = fig.subplots(2, 2).ravel()
+    panels = [(axes[0], ("reward", "accuracy", "heldout_accuracy"), "accuracy and reward"),
+              (axes[1], ("length", "heldout_mean_length"), "mean response length (tokens)"),
+              (axes[2], ("verification_rate", "mixing_rate", "heldout_verification_rate",
+                         "heldout_mixing_rate", "truncation_rate"), "share of responses")]
     for ax, keys, title in panels:
         # training rollouts (T = 1) every step; held-out (greedy) every evaluation
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*points), "o-" if "heldout" in key else "-", label=key)
+            if points:
+                ax.plot(*zip(*points), "o-" if "heldout" in key else "-", label=key)
         ax.set(xlabel="RL step", title=title)
         ax.legend(fontsize=8)
-    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_ylim(-0.02, 2.02 if max(r.get("reward", 0) for r in rows) > 1 else 1.02)
+    axes[2].set_ylim(-0.02, 1.02)
+    if steps:
+        # the length distribution shifts (R1 Fig. 3 shows its mean)
+        picks = {"start": steps[0], "middle": steps[len(steps) // 2], "end": steps[-1]}
+        top = max(max(r["lengths"]) for r in picks.values())
+        for name, r in picks.items():
+            axes[3].hist(r["lengths"], bins=24, range=(0, top), alpha=0.5,
+                         label=f"{name} (step {r['step']})")
+        axes[3].set(xlabel="response length (tokens)", ylabel="rollouts",
+                    title="rollout lengths")
+        axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "grpo.png"), dpi=110)
 
@@ -557,19 +651,30 @@ def main(argv: list[str] | None = None) -> None:
                          f"pass --init a checkpoint of `python train.py` without --data")
     print(f"GRPO from {cfg.init} | {cfg.steps} steps x {cfg.n_prompts} prompts x "
           f"G = {cfg.group_size} -> {cfg.out}")
+    width = base_cfg.train.max_digits
+    world = base_cfg.train.world
+    heldout = train.eval_split("heldout", cfg.n, width)
+    # what the base samples at T = 1: how often it checks, and whether checking pays
+    base = aha_exhibit(model, enc, heldout, width, world, cfg.pass_k, cfg.seed)
     summary = rl_train(model, enc, cfg, cfg.out, base_cfg)
+    summary.update({f"{key}_before": v for key, v in base.items() if key != "aha_traces"})
+    # the aha exhibit: real T = 1 samples of the trained model on held-out problems
+    aha = aha_exhibit(model, enc, heldout, width, world, cfg.pass_k, cfg.seed)
+    summary.update({key if key == "aha_traces" else f"{key}_after": v for key, v in aha.items()})
+    print(f"aha: {aha['aha_rate']:.1%} of T = 1 held-out samples verify, find a slip and fix it "
+          f"(base: {base['aha_rate']:.1%})"
+          + "".join(f"\n  {t}" for t in aha["aha_traces"]))
     if cfg.bench_prompts:
-        width = base_cfg.train.max_digits
         rng = random.Random(f"grpo-bench-{cfg.seed}")
         problems = training_problems(rng, cfg.bench_prompts, width, set())
-        summary.update(rollout_speed(model, enc, template(problems, width),
+        summary.update(rollout_speed(model, enc, template(problems, width, world),
                                      [a + b for a, b in problems], cfg.group_size,
-                                     train.max_response_tokens(width), cfg.seed))
+                                     train.max_response_tokens(width, world, enc), cfg.seed))
     write_outputs(summary, cfg.out)
     if cfg.json:
         print(json.dumps(summary))
     else:
-        print("\n".join(f"{k:>30}  {v}" for k, v in summary.items()))
+        print("\n".join(f"{k:>30}  {v}" for k, v in summary.items() if k != "aha_traces"))
 
 
 if __name__ == "__main__":

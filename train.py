@@ -8,14 +8,10 @@ This is the wiring file. It assembles the concept files into DeepSeek-V3's archi
     loss        = CE(next token) + L_MTP (λ/D Σ CE_k) + sequence-wise balance loss;
                   MoE gate biases updated once per optimizer step (auxiliary-loss-free balancing)
 
-The data is a world where reasoning is *verifiable* and *pays*, which is what the R1 story needs:
-multi-digit addition, answered either directly (`<answer>0006229</answer>`) or step by step
-(`<think>8+1+0=09,______9 3+9+0=12,_____29 ...</think><answer>0007329</answer>`, one column at a
-time with its carry). The corpus mostly answers directly, and its direct answers are hasty: written
-without working, they forget carries (right only when no column carries; `--no-hasty` makes them
-exact). So the pretrained model *can* reason (force `<think>` and it is right) but rarely
-*chooses* to, and its own quick answers are usually wrong: grpo.py's RL must discover that
-thinking pays, as R1-Zero did.
+The data is addition under R1-Zero's think-first template, where reasoning is verifiable and pays:
+writers draft a hasty answer (carries forgotten), work columns from the right and mostly stop early
+(a few check, some switch notation); textbook examples work every column. So the base model *can*
+work it all but stops at its draft: RL (grpo.py) must find that working on pays.
 
 The file, in reading order (sections fenced with `# ---- name`):
     config          ModelArgs, TrainConfig, Config; tiny_config and student_config
@@ -112,8 +108,14 @@ class TrainConfig:
     weight_decay: float = 0.1     # AdamW weight decay
     grad_clip: float = 1.0        # gradient-norm clip
     max_digits: int = 6           # operands have 1..max_digits digits (written at this width)
-    think_frac: float = 0.35      # share of step-by-step answers in the corpus
-    hasty: bool = True            # the corpus's direct answers forget carries (hasty_sum)
+    world: str = "zero"           # zero: think first, thoroughness varies (R1-Zero) | choice
+    work_frac: float = 0.4        # zero world: writers' mean chance to work one more column
+    verify_frac: float = 0.04     # zero world: share of hasty solutions that re-check
+    word_frac: float = 0.3        # zero world: share of solutions written in words
+    switch_frac: float = 0.15     # zero world: share that switch notation midway
+    textbook_frac: float = 0.5    # zero world: share of examples worked in full by a textbook
+    think_frac: float = 0.35      # choice world: share of step-by-step answers in the corpus
+    hasty: bool = True            # choice world: direct answers forget carries (hasty_sum)
     eval_interval: int = 300      # evaluate and save a checkpoint every this many steps
     eval_n: int = 200             # held-out problems per evaluation
     log_interval: int = 25        # a log line every this many steps (and at least every 10 s)
@@ -154,15 +156,14 @@ def tiny_config(width: int = 32, student: bool = False, **train_fields) -> Confi
     if student:
         model = dataclasses.replace(model, n_dense_layers=n_layers, inter_dim=3 * width,
                                     mtp=MTPConfig(n_mtp_depth=0))
-    tc = TrainConfig(seq_len=64, batch_size=8, max_digits=2, eval_n=32, student=student,
+    tc = TrainConfig(seq_len=128, batch_size=4, max_digits=2, eval_n=32, student=student,
                      tiny=True)
     return Config(model=model, train=dataclasses.replace(tc, **train_fields))
 
 
 def student_config(cfg: Config | None = None) -> Config:
-    """The student distill.py distils into (R1 §2.4: small DENSE models): cfg's world and
-    tokenizer, 3/4 of the width and depth, no MoE (every layer dense), no MTP: 0.41M parameters
-    vs 1.9M (1.0M active). A 2-layer, width-64 student (0.14M) learned nothing in 600 steps."""
+    """distill.py's student (R1 §2.4: small DENSE models): cfg's world and tokenizer, 3/4 of the
+    width and depth, no MoE, no MTP: 0.41M parameters vs 1.9M (1.0M active)."""
     mla = MLAConfig(n_heads=4, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=8,
                     v_head_dim=24)
     model = ModelArgs(dim=96, n_layers=3, n_dense_layers=3, inter_dim=288, mla=mla,
@@ -360,7 +361,7 @@ def think_steps(a: int, b: int, width: int) -> str:
     '8+1+0=09,____9 3+9+0=12,___29 7+5+1=13,__329 4+2+1=07,_7329 0+0+0=00,07329'.
     Operands are written at a fixed width and every step has the same length, so each thing a step
     needs sits at a fixed distance (a lookup a tiny model learns quickly), and the final answer is
-    a copy of the last step's answer-so-far."""
+    a copy of the last step's answer-so-far. The choice world's reasoning."""
     da = str(a).zfill(width)[::-1]
     db = str(b).zfill(width)[::-1]
     steps = []
@@ -374,6 +375,84 @@ def think_steps(a: int, b: int, width: int) -> str:
     return " ".join(steps)
 
 
+# A worked column in each notation ("language"): the digits, the carry in, their two-digit sum.
+# Both are 11 tokens long (' +', ' =', ' plus', ' is' are merged tokens, digits single), so a step
+# has the same length in either and only the notation differs.
+NOTATIONS = {"sym": "{x} + {y} + {c} = {s:02d}", "word": "{x} plus {y} plus {c} is {s:02d}"}
+STEP = re.compile(r"(?:(?P<sym>\d \+ \d \+ \d = \d\d)|(?P<word>\d plus \d plus \d is \d\d)),"
+                  r"(?P<so_far>[\d:]+)")
+CHECK = " check "
+VERDICTS = (" ok", " wrong")
+# Beta concentration of the writers' thoroughness: 1 spreads it over the whole range, with most
+# mass near 0 when work_frac is small
+THOROUGHNESS = 1.0
+# In the answer so far, ':' separates the drafted digits (left) from the worked ones (right): the
+# next column to work is the digit left of it, a cue beside the step, not counted from the start
+MARK = ":"
+# What heads a textbook's worked example in the corpus (see zero_example)
+TEXTBOOK = "Worked example: "
+
+
+def draft(a: int, b: int, width: int) -> str:
+    """The hasty first guess of the zero world's solutions: hasty_sum, at the answer's width."""
+    return f"{hasty_sum(a, b):0{width + 1}d}"
+
+
+def column_steps(a: int, b: int, width: int, columns: range, notation: list[str], so_far: str
+                 ) -> tuple[list[str], str]:
+    """Work `columns` (right to left, each after all lower ones are worked): per column the two
+    digits, the carry in, their sum in its notation, then the whole answer so far with that
+    column's digit put right and MARK moved left of it: 'x + y + c = ss,DDDD:DDD'. Every step has
+    the same length and the so-far copies the previous one but for one digit, so each thing a
+    step needs sits at a fixed distance (a lookup a tiny model learns quickly). Returns (steps,
+    the last answer so far, without the mark)."""
+    da = str(a).zfill(width)[::-1] + "0"
+    db = str(b).zfill(width)[::-1] + "0"
+    n = width + 1
+    lower = 10 ** columns.start
+    carry = int(a % lower + b % lower >= lower)
+    steps = []
+    for i in columns:
+        s = int(da[i]) + int(db[i]) + carry
+        so_far = so_far[:n - 1 - i] + str(s % 10) + so_far[n - i:]
+        work = NOTATIONS[notation[i]].format(x=da[i], y=db[i], c=carry, s=s)
+        steps.append(f"{work},{so_far[:n - 1 - i]}{MARK}{so_far[n - 1 - i:]}")
+        carry = s // 10
+    return steps, so_far
+
+
+def zero_solution(a: int, b: int, width: int, rng: random.Random, tc: TrainConfig
+                  ) -> tuple[str, int]:
+    """One solution of the R1-Zero world (what follows the template's <think>) and its answer.
+    The writer guesses hastily (the draft: carries forgotten), then works columns from the right,
+    correcting the draft, and stops when it feels sure: after each column it goes on with chance
+    p, its thoroughness, p ~ Beta(mean tc.work_frac), mostly small. Stopping early leaves the
+    higher columns as drafted: wrong if one of them carries or receives a carry. A share
+    tc.word_frac writes in words, a share tc.switch_frac switches notation at a random column
+    (code-switching); a share tc.verify_frac of the early stoppers check: ' check ', the
+    remaining columns worked, then ' ok', or ' wrong' when the check changed the answer (the aha
+    pattern). Example (4738+2591 at width 4, stopped after 2 columns, then checked):
+    '06229 8 + 1 + 0 = 09,0622:9 3 + 9 + 0 = 12,062:29 check 7 + 5 + 1 = 13,06:329
+    4 + 2 + 1 = 07,0:7329 0 + 0 + 0 = 00,:07329 wrong</think><answer>07329</answer>'."""
+    n = width + 1
+    p = rng.betavariate(tc.work_frac * THOROUGHNESS, (1 - tc.work_frac) * THOROUGHNESS)
+    k = 0
+    while k < n and rng.random() < p:
+        k += 1
+    first = "word" if rng.random() < tc.word_frac else "sym"
+    other = "sym" if first == "word" else "word"
+    switch_at = rng.randrange(1, n) if rng.random() < tc.switch_frac else n
+    notation = [first if i < switch_at else other for i in range(n)]
+    guess = draft(a, b, width)
+    steps, so_far = column_steps(a, b, width, range(k), notation, guess)
+    text = " ".join([guess] + steps)
+    if k < n and rng.random() < tc.verify_frac:
+        check, checked = column_steps(a, b, width, range(k, n), notation, so_far)
+        text += CHECK + " ".join(check) + VERDICTS[checked != so_far]
+        so_far = checked
+    return f"{text}</think><answer>{so_far}</answer>", int(so_far)
+
+
 def hasty_sum(a: int, b: int) -> int:
     """What a hasty writer answers without working it out: each column's digit sum mod 10, carries
     forgotten. Right exactly when no column carries (4738+2591 -> 6229, not 7329)."""
@@ -382,14 +461,64 @@ def hasty_sum(a: int, b: int) -> int:
     return int("".join(str((int(x) + int(y)) % 10) for x, y in columns))
 
 
+def prompt_text(a: int, b: int, width: int, world: str = "zero") -> str:
+    """The template: the task, numbers zero-padded to `width` digits like an odometer. The R1-Zero
+    world's template opens the thinking (R1 Table 1 asks for reasoning in <think> first: a tiny
+    model cannot read that instruction, so the template writes the tag); the choice world's
+    prompt is the bare task and leaves the choice to the model."""
+    return f"<|bos|>{a:0{width}d}+{b:0{width}d}=" + ("<think>" if world == "zero" else "")
+
+
 def render(a: int, b: int, think: bool, width: int, hasty: bool = False) -> tuple[str, str]:
-    """One problem as (prompt, response), numbers zero-padded to `width` digits like an odometer
-    (the answer to width+1). The prompt never says which style to use. hasty: a direct answer is
-    hasty_sum (the corpus's direct answers; a worked answer is always right)."""
-    prompt = f"<|bos|>{a:0{width}d}+{b:0{width}d}="
+    """One problem of the choice world as (prompt, response), the answer zero-padded to width+1.
+    The prompt never says which style to use. hasty: a direct answer is hasty_sum (the corpus's
+    direct answers; a worked answer is always right)."""
+    prompt = prompt_text(a, b, width, "choice")
     reasoning = f"<think>{think_steps(a, b, width)}</think>" if think else ""
     answer = hasty_sum(a, b) if hasty and not think else a + b
     return prompt, f"{reasoning}<answer>{answer:0{width + 1}d}</answer>"
+
+
+def render_example(a: int, b: int, rng: random.Random, tc: TrainConfig) -> str:
+    """One corpus example, prompt and response, of tc.world. In the zero world a share
+    tc.textbook_frac are a textbook's worked examples: headed TEXTBOOK before the prompt, every
+    column worked, no draft left standing. The base model learns the skill from them (the
+    relative positions inside an example are the same with or without the heading) while the
+    template, which has no heading, draws the hasty writers: what it can do, it rarely does."""
+    if tc.world == "zero":
+        width = tc.max_digits
+        if rng.random() < tc.textbook_frac:
+            thorough = dataclasses.replace(tc, work_frac=0.999999, verify_frac=0.0)
+            return TEXTBOOK + prompt_text(a, b, width) + zero_solution(a, b, width, rng,
+                                                                        thorough)[0]
+        return prompt_text(a, b, width) + zero_solution(a, b, width, rng, tc)[0]
+    think = rng.random() < tc.think_frac
+    return "".join(render(a, b, think, tc.max_digits, tc.hasty))
+
+
+def parse_trace(response: str) -> dict:
+    """What a response's reasoning did, parsed (never evaluated): worked (columns worked out),
+    notations (theirs, in order), verified (it has a check), corrected (the check ended on a
+    different number than the first pass: the draft or the last answer so far before the
+    check), consistency (share of worked columns in the majority notation; 1.0 with none) and
+    mixed (both notations used)."""
+    think = response.split("<think>", 1)[1] if "<think>" in response else ""
+    passes = think.split("</think>", 1)[0].split(CHECK)
+    ends = []
+    notations = []
+    for i, text in enumerate(passes):
+        guess = re.match(r"\d+", text) if i == 0 else None
+        last = guess[0] if guess else None
+        for m in STEP.finditer(text):
+            notations.append("sym" if m["sym"] else "word")
+            last = m["so_far"].replace(MARK, "")
+        ends.append(last)
+    counts = Counter(notations)
+    verified = len(passes) > 1
+    return {"worked": len(notations), "notations": notations, "verified": verified,
+            "corrected": verified and ends[0] != ends[-1],
+            "consistency": max(counts.values()) / len(notations) if notations else 1.0,
+            "mixed": len(counts) > 1}
 
 
 def sample_problem(rng: random.Random, min_digits: int, max_digits: int) -> tuple[int, int]:
@@ -429,9 +558,7 @@ class World:
     def example(self, rng: random.Random) -> list[int]:
         while (p := sample_problem(rng, 1, self.tc.max_digits)) in self.heldout:
             pass
-        think = rng.random() < self.tc.think_frac
-        prompt, response = render(*p, think, self.tc.max_digits, self.tc.hasty)
-        return encode(self.enc, prompt + response) + [self.eos]
+        return encode(self.enc, render_example(*p, rng, self.tc)) + [self.eos]
 
     def row(self, j: int, stream: str | None = None) -> list[int]:
         rng = random.Random(f"{self.tc.seed if stream is None else stream}-{j}")
@@ -452,11 +579,11 @@ class World:
         the harder split (one more digit than training ever saw), keys harder_*."""
         rows = torch.tensor([self.row(j, stream="heldout") for j in range(n_rows)])
         width = self.tc.max_digits
-        out = {**evaluate(model, self.enc, self.problems, width),
+        out = {**evaluate(model, self.enc, self.problems, width, world=self.tc.world),
                "heldout_loss": heldout_ce(model, rows, self.tc.batch_size)}
         if final:
             harder = eval_split("harder", max(1, len(self.problems) // 2), width)
-            ev = evaluate(model, self.enc, harder, width + 1)
+            ev = evaluate(model, self.enc, harder, width + 1, world=self.tc.world)
             out.update({"harder_" + k: v for k, v in ev.items() if k.startswith("accuracy")})
         return out
 
@@ -465,16 +592,18 @@ def corpus_text(tc: TrainConfig, n: int = 3000) -> str:
     """Text to learn BPE merges from (before the tokenizer exists). Independent of --seed: every
     model of one world shares a tokenizer (distill.py's token-level KD compares logits)."""
     rng = random.Random("merges-0")
-    parts = []
-    for _ in range(n):
-        problem = sample_problem(rng, 1, tc.max_digits)
-        parts.append("".join(render(*problem, rng.random() < tc.think_frac, tc.max_digits)))
-    return "".join(parts)
+    return "".join(render_example(*sample_problem(rng, 1, tc.max_digits), rng, tc)
+                   for _ in range(n))
+
+
+def make_tokenizer(tc: TrainConfig) -> tiktoken.Encoding:
+    """The world's tokenizer: 64 BPE merges learned from corpus_text."""
+    return build_tokenizer(learn_merges(corpus_text(tc), n_merges=64))
 
 
 def make_tokenizer_and_world(tc: TrainConfig, n_heldout: int):
     """The world's tokenizer, its held-out problems and its World. Returns (enc, heldout, world)."""
-    enc = build_tokenizer(learn_merges(corpus_text(tc), n_merges=64))
+    enc = make_tokenizer(tc)
     heldout = eval_split("heldout", n_heldout, tc.max_digits)
     return enc, heldout, World(enc, tc, heldout)
 
@@ -597,52 +726,97 @@ def well_formed(response: str) -> bool:
     return WELL_FORMED.fullmatch(response) is not None
 
 
-def max_response_tokens(width: int) -> int:
-    """Enough for a step-by-step answer at this width (characters bound tokens) plus slack."""
-    return len(render(0, 0, True, width)[1]) + 8
+def longest_response(width: int, world: str = "zero") -> str:
+    """The longest response the world writes at this width (after the template): the draft, one
+    column, a check that works the rest, the verdict (zero); the worked solution (choice). Token
+    counts do not depend on the digits (each digit is one token) nor on the notation."""
+    if world == "choice":
+        return render(0, 0, True, width)[1]
+    n = width + 1
+    steps, so_far = column_steps(0, 0, width, range(n), ["word"] * n, draft(0, 0, width))
+    body = " ".join([so_far, steps[0]]) + CHECK + " ".join(steps[1:]) + VERDICTS[1]
+    return f"{body}</think><answer>{so_far}</answer>"
 
 
-def world_tokens_bound(width: int) -> int:
-    """Tokens the longest evaluation sequence at this width can take, without a tokenizer: the
-    prompt (its special tokens count one each, every other character at most one, as digits are
-    single tokens), the <think> evaluate opens, then max_response_tokens."""
-    prompt = render(10 ** width - 1, 10 ** width - 1, False, width)[0]
-    return len(prompt.replace("<|bos|>", "B")) + 1 + max_response_tokens(width)
+def max_response_tokens(width: int, world: str = "zero", enc=None) -> int:
+    """The generation cap: the longest response's tokens (characters without a tokenizer: each
+    token is at least one character) plus slack."""
+    text = longest_response(width, world)
+    return (len(text) if enc is None else len(encode(enc, text))) + 8
+
+
+def world_tokens_bound(width: int, world: str = "zero", enc=None) -> int:
+    """Tokens the longest evaluation sequence at this width can take: the template (special
+    tokens count one each, every other character at most one) then max_response_tokens."""
+    prompt = prompt_text(10 ** width - 1, 10 ** width - 1, width, world)
+    n_prompt = len(re.sub(r"<\|?/?\w+\|?>", "S", prompt))
+    return n_prompt + max_response_tokens(width, world, enc)
+
+
+def trace_metrics(texts: list[str], ids: list[list[int]], n_new: int) -> dict:
+    """What a batch of responses did (texts include the template's <think>; ids are the generated
+    tokens): think_rate, format_rate, mean_length (generated tokens), steps_worked (columns worked
+    out per response), verification_rate, correction_rate (share of responses whose check changed
+    the answer), consistency (mean share of a trace in its majority notation), mixing_rate (share
+    using both notations) and truncation_rate (responses that hit the cap n_new: no answer, so
+    reward 0, counted here rather than silently)."""
+    traces = [parse_trace(t) for t in texts]
+    n = len(texts)
+
+    def share(values) -> float:
+        return sum(map(float, values)) / n
+
+    return {"think_rate": share(t.startswith("<think>") for t in texts),
+            "format_rate": share(map(well_formed, texts)),
+            "mean_length": share(map(len, ids)),
+            "steps_worked": share(t["worked"] for t in traces),
+            "verification_rate": share(t["verified"] for t in traces),
+            "correction_rate": share(t["corrected"] for t in traces),
+            "consistency": share(t["consistency"] for t in traces),
+            "mixing_rate": share(t["mixed"] for t in traces),
+            "truncation_rate": share(len(r) >= n_new and "<|eos|>" not in t
+                                     for r, t in zip(ids, texts))}
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: int,
-             modes: tuple = ("think", "greedy"), k: int = 4, seed: int = 0) -> dict:
-    """How well the model adds, judged by parse_answer. Modes, each giving accuracy_<mode>,
-    think_rate_<mode>, format_rate_<mode> and mean_length_<mode> (response tokens):
+             modes: tuple = ("think", "greedy"), k: int = 4, seed: int = 0,
+             world: str = "zero") -> dict:
+    """How well the model adds, judged by parse_answer. Modes, each giving accuracy_<mode> and
+    trace_metrics' figures with _<mode> (think_rate, mean_length, verification_rate, ...):
         think   greedy, made to reason (the prompt ends with <think>)
-        greedy  greedy, the model's own choice
+        greedy  greedy on the world's template (zero: it opens <think>, so this IS think mode,
+                generated once; choice: the bare task, the model's own choice)
         t1      k samples per problem at T = 1 (accuracy_t1 is pass@1), plus pass_at_k
     `width`: the digits problems are written with (training max_digits; one more for 'harder')."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    n_new = max_response_tokens(width)
-    prompts = [render(a, b, False, width)[0] for a, b in problems]
+    n_new = max_response_tokens(width, world, enc)
     targets = [a + b for a, b in problems]
     out = {}
+    done = {}
     for mode in modes:
         # 1. the prompts of this mode, repeated k times for sampling
-        opened = "<think>" if mode == "think" else ""
+        prompts = [prompt_text(a, b, width, "zero" if mode == "think" else world)
+                   for a, b in problems]
         n_samples = k if mode == "t1" else 1
-        rows = [encode(enc, p + opened) for p in prompts for _ in range(n_samples)]
-        # 2. generate: greedy, or at T = 1 with the seeded generator
         temperature = 1.0 if mode == "t1" else 0.0
-        ids = generate_ids(model, rows, n_new, temperature, g)
-        # 3. judge: the response includes the tag the prompt opened
-        texts = [opened + enc.decode(r) for r in ids]
-        right = [parse_answer(t) == y for t, y in zip(texts, [y for y in targets
-                                                              for _ in range(n_samples)])]
+        opened = "<think>" if prompts[0].endswith("<think>") else ""
+        key = (opened, temperature)
+        if key not in done:
+            rows = [encode(enc, p) for p in prompts for _ in range(n_samples)]
+            # 2. generate: greedy, or at T = 1 with the seeded generator
+            ids = generate_ids(model, rows, n_new, temperature, g)
+            # 3. judge: the response includes the tag the template opened
+            texts = [opened + enc.decode(r) for r in ids]
+            right = [parse_answer(t) == y for t, y in zip(texts, [y for y in targets
+                                                                  for _ in range(n_samples)])]
+            done[key] = (right, trace_metrics(texts, ids, n_new))
+        right, figures = done[key]
         out[f"accuracy_{mode}"] = sum(right) / len(right)
-        out[f"think_rate_{mode}"] = sum(t.startswith("<think>") for t in texts) / len(texts)
-        out[f"format_rate_{mode}"] = sum(map(well_formed, texts)) / len(texts)
-        out[f"mean_length_{mode}"] = sum(map(len, ids)) / len(ids)
+        out.update({f"{name}_{mode}": v for name, v in figures.items()})
         if mode == "t1":
             per_problem = torch.tensor(right, dtype=torch.float).view(len(problems), k)
             out["pass_at_k"] = per_problem.amax(1).mean().item()
@@ -964,13 +1138,18 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, dict, dict]:
     return loss, parts, balance
 
 
+# beside the accuracies, what each evaluation's log line shows
+EVAL_SHOWN = ("think_rate_greedy", "mean_length_greedy", "verification_rate_greedy",
+              "mixing_rate_greedy", "heldout_loss")
+
+
 def evaluate_and_save(run: Run, done: int, elapsed_s: float = 0.0) -> dict:
     """Evaluate on held-out data, log to metrics.jsonl, save the checkpoint; returns the figures.
     elapsed_s: the run's training seconds so far (stored in the checkpoint)."""
     tc = run.cfg.train
     ev = run.data.evaluate(run.model, final=done == tc.steps)
     append_jsonl(run.metrics_path, {"step": done, **ev})
-    shown = [k for k in ev if not k.startswith(("harder_", "format_rate", "think_rate_think"))]
+    shown = [k for k in ev if k.startswith("accuracy") or k in EVAL_SHOWN]
     log(f"eval @ {done}: " + " | ".join(f"{k} {ev[k]:.4g}" for k in shown))
     save_checkpoint(run.ckpt_path, run.model, run.opt, done, run.cfg, run.enc, elapsed_s)
     return ev
@@ -1020,12 +1199,12 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
                        final_loss=loss.item())
         with open(os.path.join(tc.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        plot_metrics(run.metrics_path, tc.out)
+        plot_metrics(run.metrics_path, tc.out, tc.world)
         log(f"done in {el:.0f}s; summary in {os.path.join(tc.out, 'summary.json')}")
     return summary
 
 
-def plot_metrics(metrics_path: str, out: str) -> None:
+def plot_metrics(metrics_path: str, out: str, world: str = "zero") -> None:
     """pretrain.png. A bare Figure, not pyplot: saving must not switch a notebook's backend."""
     from matplotlib.figure import Figure
     rows = [json.loads(line) for line in open(metrics_path)]
@@ -1040,6 +1219,11 @@ def plot_metrics(metrics_path: str, out: str) -> None:
     a1.legend()
     curves = [("accuracy_think", "accuracy when made to think"),
               ("accuracy_greedy", "accuracy, own choice"), ("think_rate_greedy", "think rate")]
+    if world == "zero":
+        # every response thinks: what varies is how far it works and whether it checks
+        curves = [("accuracy_greedy", "accuracy (template, greedy)"),
+                  ("verification_rate_greedy", "verification rate"),
+                  ("mixing_rate_greedy", "mixing rate")]
     if eval_rows and "accuracy_think" in eval_rows[0]:
         for key, label in curves:
             a2.plot([r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o",
@@ -1513,6 +1697,16 @@ def check_config(cfg: Config) -> None:
         if getattr(tc, name) <= 0:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be positive (got {getattr(tc, name)})")
+    if tc.world not in ("zero", "choice"):
+        raise ValueError(f"--world {tc.world!r}: use 'zero' (R1-Zero's think-first world) or "
+                         f"'choice' (think or answer directly)")
+    shares = {"--work-frac": (tc.work_frac, 0 < tc.work_frac < 1)}
+    for name in ("verify_frac", "word_frac", "switch_frac", "think_frac", "textbook_frac"):
+        value = getattr(tc, name)
+        shares["--" + name.replace("_", "-")] = (value, 0 <= value <= 1)
+    for flag, (value, ok) in shares.items():
+        if not ok:
+            raise ValueError(f"{flag} {value}: a share, between 0 and 1 (--work-frac strictly)")
     if tc.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds --max-seq-len {cfg.model.max_seq_len}")
     # --sample and --export-hf only read --out
@@ -1521,7 +1715,7 @@ def check_config(cfg: Config) -> None:
                  tc.out if writes_out else None)
     # the final evaluation's harder split writes one digit more than training
     width = tc.max_digits + 1
-    need = world_tokens_bound(width)
+    need = 0 if tc.data else world_tokens_bound(width, tc.world, make_tokenizer(tc))
     if not tc.data and need > cfg.model.max_seq_len:
         raise ValueError(f"--max-digits {tc.max_digits}: the harder split's prompt + worked "
                          f"answer (width {width}) need up to {need} tokens, over --max-seq-len "

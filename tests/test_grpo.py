@@ -257,7 +257,7 @@ BATTERY = [
 def test_reward_on_adversarial_strings(completion, target, acc, fmt):
     assert grpo.accuracy_reward(completion, target) == acc
     assert grpo.format_reward(completion) == fmt
-    assert grpo.reward(completion, target) == acc, "the default reward is accuracy alone"
+    assert grpo.reward(completion, target) == acc + fmt, "the default reward is accuracy + format"
     assert grpo.reward(completion, target, "format") == fmt
     assert grpo.reward(completion, target, format_weight=0.5) == acc + 0.5 * fmt
 
@@ -291,6 +291,15 @@ def test_short_run_on_toy_setting_raises_the_reward(tmp_path):
     assert set(summary) >= {"accuracy_before", "accuracy_after", "accuracy_t1_before", "accuracy_t1_after",
                             "think_rate_before", "think_rate_after", "length_before", "length_after",
                             "steps", "wall_seconds"}
+    # the R1-Zero issue's contract: what the README, notebooks and checks read
+    assert set(summary) >= {"format_rate_before", "format_rate_after", "verification_rate_before",
+                            "verification_rate_after", "correction_rate_after", "consistency_before",
+                            "consistency_after", "mixing_rate_before", "mixing_rate_after",
+                            "steps_to_90"}
+    step_rows = [r for r in rows if "reward" in r]
+    assert all({"length", "verification_rate", "mixing_rate", "truncation_rate"} <= set(r)
+               for r in step_rows)
+    assert all(len(r["lengths"]) == 8 * 8 for r in step_rows)
     assert json.load(open(tmp_path / "rl" / "summary.json"))["steps"] == 20
     train.load_checkpoint(str(tmp_path / "rl" / "ckpt.pt"))      # the checkpoint format of train.py
 
@@ -320,3 +329,22 @@ def test_bad_config_raises_value_error(knob):
 def test_format_control_writes_to_its_own_folder():
     assert grpo.parse_config(["--reward", "format"]).out == "out/grpo_format_control"
     assert grpo.parse_config([]).out == "out/grpo"
+
+
+def test_steps_to_90_is_the_first_evaluation_at_0_9(tiny, monkeypatch):
+    """steps_to_90: the first RL step whose held-out evaluation reaches 0.9 (None if never)."""
+    cfg, enc, model = tiny
+    accuracies = iter([0.1, 0.5, 0.95, 0.85])
+    real = grpo.evaluate_policy
+
+    def scripted(*args, **kw):
+        return {**real(*args, **kw), "accuracy": next(accuracies)}
+
+    monkeypatch.setattr(grpo, "evaluate_policy", scripted)
+    gcfg = grpo.GRPOConfig(steps=6, n_prompts=2, group_size=2, n=4, pass_k=1, eval_interval=2,
+                           bench_prompts=0)
+    summary = grpo.rl_train(train.Transformer(model.args), enc, gcfg, None, cfg, verbose=False)
+    assert summary["steps_to_90"] == 4 and summary["accuracy_after"] == 0.85
+    accuracies = iter([0.1, 0.5, 0.6, 0.7])
+    assert grpo.rl_train(train.Transformer(model.args), enc, gcfg, None, cfg,
+                         verbose=False)["steps_to_90"] is None
