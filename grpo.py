@@ -537,7 +537,7 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
 SUMMARY_KEYS = ("accuracy", "accuracy_t1", "pass_at_k", "think_rate", "format_rate",
                 "mean_length", "steps_worked", "verification_rate", "correction_rate",
                 "consistency", "mixing_rate", "truncation_rate", "mean_length_t1",
-                "verification_rate_t1", "mixing_rate_t1")
+                "verification_rate_t1", "mixing_rate_t1", "consistency_t1", "steps_worked_t1")
 
 
 # ---- the run's files and rollout speed
@@ -548,9 +548,14 @@ def write_outputs(summary: dict, out_dir: str) -> None:
     carries aha_traces)."""
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    if summary.get("aha_traces"):
+    if "aha_traces" in summary:
+        parts = [("the trained model", summary["aha_traces"]),
+                 ("the base model, before RL", summary.get("aha_traces_before", []))]
         with open(os.path.join(out_dir, "aha.txt"), "w") as f:
-            f.write("\n\n".join(summary["aha_traces"]) + "\n")
+            for who, traces in parts:
+                f.write(f"# {who}: {len(traces)} shown (is_aha: a check that found a slip and "
+                        f"fixed it, T = 1 held-out samples)\n")
+                f.write("".join(t + "\n" for t in traces) + "\n")
     plot_run(os.path.join(out_dir, "metrics.jsonl"), out_dir)
 
 
@@ -578,8 +583,11 @@ def plot_run(metrics_path: str, out_dir: str) -> None:
     axes[0].set_ylim(-0.02, 2.02 if max(r.get("reward", 0) for r in rows) > 1 else 1.02)
     axes[2].set_ylim(-0.02, 1.02)
     if steps:
-        # the length distribution shifts (R1 Fig. 3 shows its mean)
-        picks = {"start": steps[0], "middle": steps[len(steps) // 2], "end": steps[-1]}
+        # the length distribution shifts (R1 Fig. 3 shows its mean): at the start, at the first
+        # step whose mean length is halfway from the start's to the end's, and at the end
+        half = (steps[0]["length"] + steps[-1]["length"]) / 2
+        mid = next((r for r in steps if r["length"] >= half), steps[len(steps) // 2])
+        picks = {"start": steps[0], "halfway": mid, "end": steps[-1]}
         top = max(max(r["lengths"]) for r in picks.values())
         for name, r in picks.items():
             axes[3].hist(r["lengths"], bins=24, range=(0, top), alpha=0.5,
@@ -657,13 +665,14 @@ def main(argv: list[str] | None = None) -> None:
     # what the base samples at T = 1: how often it checks, and whether checking pays
     base = aha_exhibit(model, enc, heldout, width, world, cfg.pass_k, cfg.seed)
     summary = rl_train(model, enc, cfg, cfg.out, base_cfg)
-    summary.update({f"{key}_before": v for key, v in base.items() if key != "aha_traces"})
+    summary.update({f"{key}_before": v for key, v in base.items()})
     # the aha exhibit: real T = 1 samples of the trained model on held-out problems
     aha = aha_exhibit(model, enc, heldout, width, world, cfg.pass_k, cfg.seed)
     summary.update({key if key == "aha_traces" else f"{key}_after": v for key, v in aha.items()})
     print(f"aha: {aha['aha_rate']:.1%} of T = 1 held-out samples verify, find a slip and fix it "
-          f"(base: {base['aha_rate']:.1%})"
-          + "".join(f"\n  {t}" for t in aha["aha_traces"]))
+          f"(base: {base['aha_rate']:.1%})")
+    for who, traces in (("trained", aha["aha_traces"]), ("base", base["aha_traces"])):
+        print("".join(f"  {who}: {t}\n" for t in traces), end="")
     if cfg.bench_prompts:
         rng = random.Random(f"grpo-bench-{cfg.seed}")
         problems = training_problems(rng, cfg.bench_prompts, width, set())
@@ -674,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.json:
         print(json.dumps(summary))
     else:
-        print("\n".join(f"{k:>30}  {v}" for k, v in summary.items() if k != "aha_traces"))
+        print("\n".join(f"{k:>30}  {v}" for k, v in summary.items() if "aha_traces" not in k))
 
 
 if __name__ == "__main__":
