@@ -344,13 +344,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: tor
 
 
 def evaluate_policy(model: train.Transformer, enc, problems: list[tuple[int, int]], width: int,
-                    k: int = 4, seed: int = 0, world: str = "zero") -> dict:
+                    k: int = 4, seed: int = 0, world: str = "zero",
+                    modes: tuple = ("greedy", "t1")) -> dict:
     """train.evaluate's greedy and T = 1 modes on the world's template, under RL's names:
     accuracy, think_rate, format_rate, mean_length, steps_worked, verification_rate,
     correction_rate, consistency, mixing_rate, truncation_rate (greedy), the same with _t1 (k
-    samples per problem at T = 1; accuracy_t1 is pass@1), pass_at_k, k, n."""
-    ev = train.evaluate(model, enc, problems, width, modes=("greedy", "t1"), k=k, seed=seed,
-                        world=world)
+    samples per problem at T = 1; accuracy_t1 is pass@1), pass_at_k, k, n; modes may add
+    "textbook" (made to work every column: accuracy_textbook, ...)."""
+    ev = train.evaluate(model, enc, problems, width, modes=modes, k=k, seed=seed, world=world)
     return {key.replace("_greedy", ""): v for key, v in ev.items()}
 
 
@@ -360,15 +361,17 @@ def evaluate_checkpoint(path: str, n: int = 200, split: str = "heldout", k: int 
     model, enc, cfg, _ = train.load_checkpoint(path, device)
     problems = train.eval_split(split, n, cfg.train.max_digits)
     width = cfg.train.max_digits + (split == "harder")
-    return {"split": split, **evaluate_policy(model, enc, problems, width, k, seed,
-                                              cfg.train.world)}
+    world = cfg.train.world
+    modes = ("greedy", "t1") + (("textbook",) if world == "zero" else ())
+    return {"split": split, **evaluate_policy(model, enc, problems, width, k, seed, world, modes)}
 
 
 def is_aha(text: str, target: int) -> bool:
     """The aha pattern, by rule: the response checks its work, the check ends on a different
-    number than its first pass (a slip found), and the answer it gives is right."""
+    number than its first pass (a slip found), it says so (' wrong'), and its answer is right."""
     trace = train.parse_trace(text)
-    return trace["corrected"] and train.parse_answer(text) == target
+    says_so = text.split("</think>", 1)[0].endswith(train.VERDICTS[1])
+    return trace["corrected"] and says_so and train.parse_answer(text) == target
 
 
 def behaviours(texts: list[str], targets: list[int], width: int) -> dict:
@@ -676,9 +679,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.bench_prompts:
         rng = random.Random(f"grpo-bench-{cfg.seed}")
         problems = training_problems(rng, cfg.bench_prompts, width, set())
+        # one timed call of each after a warm-up: recomputing ~160-token responses is slow
         summary.update(rollout_speed(model, enc, template(problems, width, world),
                                      [a + b for a, b in problems], cfg.group_size,
-                                     train.max_response_tokens(width, world, enc), cfg.seed))
+                                     train.max_response_tokens(width, world, enc), cfg.seed,
+                                     repeats=1))
     write_outputs(summary, cfg.out)
     if cfg.json:
         print(json.dumps(summary))

@@ -579,7 +579,8 @@ class World:
         the harder split (one more digit than training ever saw), keys harder_*."""
         rows = torch.tensor([self.row(j, stream="heldout") for j in range(n_rows)])
         width = self.tc.max_digits
-        out = {**evaluate(model, self.enc, self.problems, width, world=self.tc.world),
+        modes = ("think", "greedy") + (("textbook",) if self.tc.world == "zero" else ())
+        out = {**evaluate(model, self.enc, self.problems, width, modes, world=self.tc.world),
                "heldout_loss": heldout_ce(model, rows, self.tc.batch_size)}
         if final:
             harder = eval_split("harder", max(1, len(self.problems) // 2), width)
@@ -788,6 +789,7 @@ def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: in
         greedy  greedy on the world's template (zero: it opens <think>, so this IS think mode,
                 generated once; choice: the bare task, the model's own choice)
         t1      k samples per problem at T = 1 (accuracy_t1 is pass@1), plus pass_at_k
+        textbook  greedy after the textbook's heading (zero world): made to work every column
     `width`: the digits problems are written with (training max_digits; one more for 'harder')."""
     was_training = model.training
     model.eval()
@@ -801,10 +803,12 @@ def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: in
         # 1. the prompts of this mode, repeated k times for sampling
         prompts = [prompt_text(a, b, width, "zero" if mode == "think" else world)
                    for a, b in problems]
+        if mode == "textbook":
+            prompts = [TEXTBOOK + prompt_text(a, b, width) for a, b in problems]
         n_samples = k if mode == "t1" else 1
         temperature = 1.0 if mode == "t1" else 0.0
         opened = "<think>" if prompts[0].endswith("<think>") else ""
-        key = (opened, temperature)
+        key = (prompts[0][:len(TEXTBOOK)] == TEXTBOOK, opened, temperature)
         if key not in done:
             rows = [encode(enc, p) for p in prompts for _ in range(n_samples)]
             # 2. generate: greedy, or at T = 1 with the seeded generator
@@ -1222,12 +1226,14 @@ def plot_metrics(metrics_path: str, out: str, world: str = "zero") -> None:
     if world == "zero":
         # every response thinks: what varies is how far it works and whether it checks
         curves = [("accuracy_greedy", "accuracy (template, greedy)"),
+                  ("accuracy_textbook", "accuracy made to work every column"),
                   ("verification_rate_greedy", "verification rate"),
                   ("mixing_rate_greedy", "mixing rate")]
     if eval_rows and "accuracy_think" in eval_rows[0]:
         for key, label in curves:
-            a2.plot([r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o",
-                    label=label)
+            points = [(r["step"], r[key]) for r in eval_rows if key in r]
+            if points:
+                a2.plot(*zip(*points), marker="o", label=label)
         a2.set(xlabel="step", ylim=(-0.02, 1.02), title="held-out evaluation (greedy)")
     else:
         a2.plot([r["step"] for r in eval_rows], [r["heldout_loss"] for r in eval_rows],

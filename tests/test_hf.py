@@ -29,14 +29,14 @@ EXTRA_TEXTS = [
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny model (every component: MLA, dense FFN, MoE, MTP) after 60 AdamW steps on the
+    """A tiny model (every component: MLA, dense FFN, MoE, MTP) after 160 AdamW steps on the
     world, its gate biases then drawn nonzero (training has not moved them: train_step does)."""
     torch.manual_seed(0)
     cfg = train.tiny_config()
     enc, heldout, world = train.make_tokenizer_and_world(cfg.train, N_PROMPTS)
     model = train.build_model(cfg, enc, "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(60):
+    for step in range(160):
         batch = world.batch(range(8 * step, 8 * step + 8))
         loss = model(batch[:, :-1], batch[:, 1:])[0]
         opt.zero_grad()
@@ -158,7 +158,7 @@ def test_exported_greedy_generation_equals_ours(trained, exported):
     model, enc, heldout, world, cfg = trained
     hf = AutoModelForCausalLM.from_pretrained(exported[0]).eval()
     width = cfg.train.max_digits
-    n_new = train.max_response_tokens(width)
+    n_new = train.max_response_tokens(width, cfg.train.world, enc)
     ids = [train.encode(enc, p) for p in prompts_of(heldout, width)]
     mine = train.generate_ids(model, ids, n_new)
     assert hf.generation_config.eos_token_id == list(model.args.stop_ids)
@@ -194,7 +194,7 @@ def test_tokenizer_conversion_recovers_hundreds_of_merges():
 def test_pipeline_completes_a_prompt_like_ours(trained, exported):
     model, enc, heldout, world, cfg = trained
     prompt = prompts_of(heldout, cfg.train.max_digits)[0]
-    n_new = train.max_response_tokens(cfg.train.max_digits)
+    n_new = train.max_response_tokens(cfg.train.max_digits, cfg.train.world, enc)
     pipe = pipeline("text-generation", model=exported[0])
     out = pipe(prompt, max_new_tokens=n_new, do_sample=False, return_full_text=False)
     mine = train.generate_ids(model, [train.encode(enc, prompt)], n_new)[0]

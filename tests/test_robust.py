@@ -128,7 +128,8 @@ def test_out_onto_or_below_a_file(tmp_path):
 def test_defaults_and_tiny_still_fit():
     train.parse_config([])
     train.parse_config(["--tiny"])
-    train.parse_config(["--max-digits", "14"])
+    train.parse_config(["--max-digits", "12"])
+    train.parse_config(["--max-digits", "14", "--world", "choice"])
 
 
 @pytest.mark.parametrize("knob", [dict(lr=float("nan")), dict(bench_prompts=-1),

@@ -173,3 +173,9 @@ def test_the_choice_world_is_still_there():
     assert "=<answer>" not in zero and zero.count("=<think>") == 200
     with pytest.raises(SystemExit):
         train.parse_config(["--world", "chioce"])
+
+
+def test_an_aha_must_say_its_slip():
+    """A check that changed the answer but reports ' ok' found no slip it could name."""
+    silent = SLIPPED.replace(" wrong</think>", " ok</think>")
+    assert train.parse_trace(silent)["corrected"] and not grpo.is_aha(silent, 7329)
