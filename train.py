@@ -808,7 +808,8 @@ def evaluate(model: Transformer, enc, problems: list[tuple[int, int]], width: in
         n_samples = k if mode == "t1" else 1
         temperature = 1.0 if mode == "t1" else 0.0
         opened = "<think>" if prompts[0].endswith("<think>") else ""
-        key = (prompts[0][:len(TEXTBOOK)] == TEXTBOOK, opened, temperature)
+        # modes whose prompts are the same (zero world: think == greedy) are generated once
+        key = (prompts[0], temperature)
         if key not in done:
             rows = [encode(enc, p) for p in prompts for _ in range(n_samples)]
             # 2. generate: greedy, or at T = 1 with the seeded generator
