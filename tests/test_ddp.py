@@ -118,7 +118,8 @@ def test_data_rows_are_a_function_of_seed_and_row_index(tmp_path):
     cfg = train.parse_config([*TINY, "--data", text_file(tmp_path, 20_000)])
     enc, _, data = train.make_text_data(cfg.train)
     a, b = data.batch(range(0, 4)), data.batch(range(2, 6))
-    assert a.shape == (4, cfg.train.seq_len + 1) and torch.equal(a[2:], b[:2]), "row j must not depend on the batch it is in"
+    assert a.shape == (4, cfg.train.seq_len + 1)
+    assert torch.equal(a[2:], b[:2]), "row j must not depend on the batch it is in"
     text = enc.decode(a[0].tolist())
     assert text in open(text_file(tmp_path, 20_000), encoding="utf-8").read(), "a row is a window of the file"
 

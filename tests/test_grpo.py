@@ -292,10 +292,10 @@ def test_short_run_on_toy_setting_raises_the_reward(tmp_path):
                             "think_rate_before", "think_rate_after", "length_before", "length_after",
                             "steps", "wall_seconds"}
     # the R1-Zero issue's contract: what the README, notebooks and checks read
-    assert set(summary) >= {"format_rate_before", "format_rate_after", "verification_rate_before",
-                            "verification_rate_after", "correction_rate_after", "consistency_before",
-                            "consistency_after", "mixing_rate_before", "mixing_rate_after",
-                            "steps_to_90"}
+    assert set(summary) >= {"format_rate_before", "format_rate_after",
+                            "verification_rate_before", "verification_rate_after",
+                            "correction_rate_after", "consistency_before", "consistency_after",
+                            "mixing_rate_before", "mixing_rate_after", "steps_to_90"}
     step_rows = [r for r in rows if "reward" in r]
     assert all({"length", "verification_rate", "mixing_rate", "truncation_rate"} <= set(r)
                for r in step_rows)
