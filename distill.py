@@ -26,6 +26,24 @@ Writes out/distill/: summary.json, table.md, distill.png.
 
     python distill.py                         # teacher out/grpo/ckpt.pt -> out/distill/
     python distill.py --seeds 1 --updates 20  # quicker
+
+--recipe r1 runs DeepSeek-R1's own multi-stage recipe instead (R1 §2.3, arXiv 2501.12948 v1),
+beside R1-Zero (--rl-init: grpo.py's run), every stage from the same base (--init):
+    1. cold start (§2.3.1)       SFT of the base on --cold-start readable traces written by the
+                                 world's rule (train.readable_solution: one notation, a summary)
+    2. reasoning RL (§2.3.2)     grpo.rl_train with accuracy + format + language consistency (the
+                                 share of columns in the prompt's notation), summed as R1 does
+    3. rejection sampling (§2.3.3) stage 2 answers --rs-prompts; keep_trace keeps the right,
+                                 well-formed, single-notation, not over-long ones; SFT of the BASE
+                                 on them (R1 fine-tunes V3-Base; its ~200k non-reasoning samples
+                                 have no counterpart here)
+    4. final RL (§2.3.4)         grpo.rl_train on the rule rewards (R1's helpfulness and
+                                 harmlessness reward models have no counterpart here)
+The SFT loss and the filter are distillation's, the RL loop is grpo.py's: each exists once.
+Writes out/r1/: summary.json, table.md, r1.png, and <stage>/ckpt.pt for every stage.
+
+    python distill.py --recipe r1             # out/pretrain + out/grpo -> out/r1/
+    python distill.py --recipe r1 --ablate    # + stage 2 without the consistency reward
 """
 from __future__ import annotations
 
@@ -75,13 +93,33 @@ class DistillConfig:
     n: int = 200                  # held-out evaluation problems
     threads: int = 0              # CPU threads (0 = torch's default)
     device: str = "auto"          # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    recipe: str = "distill"       # distill: the comparison above | r1: R1's multi-stage recipe
+    init: str = "out/pretrain/ckpt.pt"  # r1: the base checkpoint (V3-Base's part)
+    rl_init: str = "out/grpo"     # r1: an R1-Zero run (grpo.py's folder) to compare; '' = run one
+    zero_steps: int = 40          # r1 with --rl-init '': R1-Zero's RL steps
+    cold_start: int = 512         # r1: readable traces of the cold start, written by the rule
+    sft_updates: int = 40         # r1: SFT updates of the cold start and of stage 3
+    sft_batch_size: int = 32      # r1: traces per SFT update
+    rl_steps: int = 10            # r1: steps of each RL stage (reasoning RL, final RL)
+    consistency_weight: float = 1.0  # r1: the language-consistency reward's weight (R1: summed)
+    final_consistency: bool = False  # r1: keep the consistency reward in the final RL too
+    ablate: bool = False          # r1: also run reasoning RL without the consistency reward
+    rs_prompts: int = 512         # r1: stage 3 samples these prompts --trace-samples times
+    k: int = 2                    # r1: T = 1 samples per held-out problem (consistency, mixing)
+    seed: int = 0                 # r1: seeds the RL sampling, the problems and the trace order
 
     def validate(self) -> None:
         counts = (self.seeds, self.updates, self.batch_size, self.trace_prompts,
-                  self.trace_samples, self.n)
+                  self.trace_samples, self.n, self.zero_steps, self.cold_start, self.sft_updates,
+                  self.sft_batch_size, self.rl_steps, self.rs_prompts, self.k)
         if min(counts) < 1:
-            raise ValueError("seeds, updates, batch_size, trace_prompts, trace_samples and n "
-                             "must be >= 1")
+            raise ValueError("seeds, updates, batch_size, trace_prompts, trace_samples, n, "
+                             "zero_steps, cold_start, sft_updates, sft_batch_size, rl_steps, "
+                             "rs_prompts and k must be >= 1")
+        if self.recipe not in ("distill", "r1"):
+            raise ValueError(f"recipe must be 'distill' or 'r1', got {self.recipe!r}")
+        if not self.consistency_weight >= 0:
+            raise ValueError("consistency_weight must be >= 0")
         if not self.trace_temperature >= 0:
             raise ValueError("trace_temperature must be >= 0")
         rates = {"--lr": self.lr, "--rl-lr": self.rl_lr, "--distill-rl-lr": self.distill_rl_lr,
@@ -92,9 +130,18 @@ class DistillConfig:
 # ---- teacher traces
 
 
-def keep_trace(text: str, target: int) -> bool:
+def keep_trace(text: str, target: int, notation: str | None = None, n_tokens: int = 0,
+               max_tokens: int = 0) -> bool:
     """Rejection sampling's filter: the response is well-formed (grpo.format_reward) AND its answer
-    is right (grpo.accuracy_reward). Both are rules that parse the text; nothing is executed."""
+    is right (grpo.accuracy_reward). Both are rules that parse the text; nothing is executed.
+    R1's own filter (§2.3.3) also drops mixed-language and long traces: with `notation`, every
+    worked column must be in it (and one at least); with max_tokens, n_tokens must not exceed it."""
+    if notation is not None:
+        trace = train.parse_trace(text)
+        if trace["worked"] == 0 or trace["notations"].count(notation) != trace["worked"]:
+            return False
+    if max_tokens and n_tokens > max_tokens:
+        return False
     ### BEGIN SOLUTION: rejection sampling: keep well-formed AND correct (R1 §2.3.3)
     return grpo.format_reward(text) == 1.0 and grpo.accuracy_reward(text, target) == 1.0
     ### END SOLUTION
@@ -103,9 +150,11 @@ def keep_trace(text: str, target: int) -> bool:
 @torch.no_grad()
 def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, int]], width: int,
                    samples: int, temperature: float, seed: int = 0, chunk: int = 256,
-                   world: str = "zero") -> tuple[grpo.Rollout, dict]:
-    """The teacher answers every problem `samples` times; keep_trace filters. Returns the kept rows
-    as a grpo.Rollout (tokens [N, T] right-padded, mask [N, T-1] on response tokens) and counts."""
+                   world: str = "zero", notation: str | None = None, max_tokens: int = 0
+                   ) -> tuple[grpo.Rollout, dict]:
+    """The teacher answers every problem `samples` times; keep_trace filters (notation and
+    max_tokens: R1's stricter filter). Returns the kept rows as a grpo.Rollout (tokens [N, T]
+    right-padded, mask [N, T-1] on response tokens) and counts."""
     g = torch.Generator(device=next(teacher.parameters()).device).manual_seed(seed)
     n_new = train.max_response_tokens(width, world, enc)
     kept = []
@@ -117,7 +166,8 @@ def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, in
                           [a + b for a, b in part],
                           samples, temperature, n_new, generator=g)
         for j, (text, target) in enumerate(zip(ro.texts, ro.targets)):
-            if keep_trace(text, target):
+            n_tokens = len(ro.ids[j]) if max_tokens else 0
+            if keep_trace(text, target, notation, n_tokens, max_tokens):
                 kept.append((ro.tokens[j], ro.mask[j], text, target))
         n_generated += len(ro.texts)
     if not kept:
@@ -384,17 +434,312 @@ def run(cfg: DistillConfig) -> dict:
     return s
 
 
+# ---- R1's own recipe (--recipe r1)
+
+
+# the stages of the pipeline, in order, and what each row of the table calls them
+R1_STAGES = {"base": "base (pretrained, V3-Base's part)",
+             "r1_zero": "R1-Zero: GRPO on the base, accuracy + format",
+             "cold_start": "1. cold start: SFT of the base on readable traces",
+             "reasoning_rl": "2. reasoning RL, + language consistency",
+             "reasoning_rl_no_consistency": "2'. reasoning RL without it (ablation)",
+             "rejection_sft": "3. rejection sampling, SFT of the base",
+             "final_rl": "4. final RL (R1)"}
+
+
+def cold_start_traces(enc, problems: list[tuple[int, int]], width: int, pad_id: int
+                      ) -> grpo.Rollout:
+    """R1 §2.3.1's cold-start data, written by the world's rule (train.readable_solution), never
+    by a model: after the template, the draft, every column in the prompt's notation and a
+    summary, then <|eos|>. Laid out as a grpo.Rollout, like sampled traces, for distill_train."""
+    prompts = grpo.template(problems, width)
+    rows = [train.encode(enc, p) for p in prompts]
+    eos = train.special_id(enc, "<|eos|>")
+    responses = [train.readable_solution(a, b, width) for a, b in problems]
+    ids = [train.encode(enc, r) + [eos] for r in responses]
+    tokens, mask = grpo.layout(rows, ids, pad_id)
+    return grpo.Rollout(tokens, mask, torch.zeros(len(rows), dtype=torch.long),
+                        torch.ones(len(rows)), ["<think>" + r for r in responses],
+                        [a + b for a, b in problems], 0.0, ids)
+
+
+def stage_row(name: str, ev: dict, steps: int, seconds: float, steps_to_90=None) -> dict:
+    """One row of the table from grpo.evaluate_policy's figures: greedy accuracy and length; the
+    T = 1 samples' language consistency, mixing and verification (greedy decoding of a model
+    that samples mixing 15% of the time never mixes: the distribution is what a user meets)."""
+    return {"name": name, "accuracy": ev["accuracy"], "accuracy_t1": ev["accuracy_t1"],
+            "consistency": ev["language_consistency_t1"],
+            "consistency_greedy": ev["language_consistency"], "mixing_rate": ev["mixing_rate_t1"],
+            "length": ev["mean_length"], "length_t1": ev["mean_length_t1"],
+            "verification_rate": ev["verification_rate_t1"], "steps": steps,
+            "steps_to_90": steps_to_90, "seconds": seconds}
+
+
+def rl_figures(summary: dict) -> dict:
+    """grpo.rl_train's held-out figures after RL, under evaluate_policy's names."""
+    return {key: summary[f"{key.replace('mean_', '')}_after"] for key in grpo.SUMMARY_KEYS}
+
+
+def r1_rl(model: train.Transformer, enc, base_cfg: train.Config, cfg: DistillConfig, name: str,
+          steps: int, consistency_weight: float, before: dict | None = None) -> dict:
+    """One RL stage with grpo.py's own loop (no second RL loop), in place: accuracy + format
+    (+ consistency_weight x language consistency); metrics.jsonl and ckpt.pt in out/<name>/.
+    before: the start's figures if measured. Returns the stage's row."""
+    t = time.time()
+    g = grpo.GRPOConfig(steps=steps, n=cfg.n, pass_k=cfg.k, bench_prompts=0, seed=cfg.seed,
+                        consistency_weight=consistency_weight)
+    summary = grpo.rl_train(model, enc, g, os.path.join(cfg.out, name), base_cfg, verbose=False,
+                            before=before)
+    return stage_row(name, rl_figures(summary), steps, time.time() - t, summary["steps_to_90"])
+
+
+def r1_sft(base: train.Transformer, enc, base_cfg: train.Config, cfg: DistillConfig, name: str,
+           traces: grpo.Rollout, heldout: list) -> tuple[train.Transformer, dict]:
+    """SFT of a fresh copy of the BASE on traces (the paper fine-tunes V3-Base at stages 1 and
+    3), with distillation's own sft_loss; saved to out/<name>/ckpt.pt. Returns (model, row);
+    the row's "figures" (evaluate_policy's, the next RL stage's start) leave before the files."""
+    t = time.time()
+    model = trainable_copy(base)
+    sft = dataclasses.replace(cfg, updates=cfg.sft_updates, batch_size=cfg.sft_batch_size)
+    distill_train(model, traces, sft, "seq", seed=cfg.seed)
+    seconds = time.time() - t
+    os.makedirs(os.path.join(cfg.out, name), exist_ok=True)
+    train.save_checkpoint(os.path.join(cfg.out, name, "ckpt.pt"), model, None, cfg.sft_updates,
+                          base_cfg, enc)
+    ev = grpo.evaluate_policy(model, enc, heldout, base_cfg.train.max_digits, cfg.k, cfg.seed)
+    return model, {**stage_row(name, ev, 0, seconds), "figures": ev}
+
+
+def r1_zero(base: train.Transformer, enc, base_cfg: train.Config, cfg: DistillConfig,
+            heldout: list) -> dict:
+    """R1-Zero to compare with: --rl-init's run (grpo.py's folder or its ckpt.pt), evaluated as
+    every stage is, or grpo.rl_train on the base here (--zero-steps steps, accuracy + format)."""
+    if not cfg.rl_init:
+        row = r1_rl(trainable_copy(base), enc, base_cfg, cfg, "r1_zero", cfg.zero_steps, 0.0)
+        return {**row, "name": "r1_zero"}
+    folder = cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)
+    model, zero_enc, zero_cfg, _ = train.load_checkpoint(os.path.join(folder, "ckpt.pt"),
+                                                            next(base.parameters()).device)
+    if train.tokenizer_state(zero_enc) != train.tokenizer_state(enc):
+        raise SystemExit(f"error: --rl-init {cfg.rl_init} was trained in another world than "
+                         f"--init {cfg.init} (their tokenizers differ)")
+    ev = grpo.evaluate_policy(model, enc, heldout, zero_cfg.train.max_digits, cfg.k, cfg.seed)
+    return stage_row("r1_zero", ev, *rl_record(folder))
+
+
+def rl_record(folder: str) -> tuple[int, float, int | None]:
+    """(steps, seconds, steps_to_90) of a grpo.py run, read from its metrics.jsonl (a run stopped
+    after its last checkpoint has no summary.json): the last step row, and the first held-out
+    evaluation at 0.9 or more."""
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    steps = [r for r in rows if "elapsed_s" in r]
+    reached = [r["step"] for r in rows if r.get("heldout_accuracy", 0.0) >= 0.9]
+    return (steps[-1]["step"] if steps else 0, steps[-1]["elapsed_s"] if steps else 0.0,
+            reached[0] if reached else None)
+
+
+def r1_steps_to_90(rows: dict, cfg: DistillConfig):
+    """RL steps R1's pipeline spends before held-out greedy accuracy first reaches 0.9, counted
+    through both RL stages (0: the cold start already does); None if it never does."""
+    if rows["reasoning_rl"]["steps_to_90"] is not None:
+        return rows["reasoning_rl"]["steps_to_90"]
+    if rows["final_rl"]["steps_to_90"] is not None:
+        return cfg.rl_steps + rows["final_rl"]["steps_to_90"]
+    return None
+
+
+def run_r1(cfg: DistillConfig) -> dict:
+    """R1 §2.3 in miniature (arXiv 2501.12948 v1): cold start, reasoning RL with the language-
+    consistency reward, rejection sampling and SFT of the base, a final RL; beside R1-Zero.
+    Writes summary.json, table.md and r1.png to cfg.out, and each stage's ckpt.pt (metrics.jsonl
+    for RL) in cfg.out/<stage>/."""
+    cfg.validate()
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = train.pick_device(cfg.device)
+    base, enc, base_cfg, _ = train.load_checkpoint(cfg.init, device)
+    if base_cfg.train.world != "zero" or base_cfg.train.data:
+        raise SystemExit(f"error: --init {cfg.init} is not a zero-world model: R1's recipe needs "
+                         f"its two notations (pretrain with `python train.py`)")
+    base.eval().requires_grad_(False)
+    os.makedirs(cfg.out, exist_ok=True)
+    width = base_cfg.train.max_digits
+    heldout = train.eval_split("heldout", cfg.n, width)
+    excluded = set(train.eval_split("heldout", max(cfg.n, base_cfg.train.eval_n), width))
+    rows = {}
+
+    def say(name: str) -> None:
+        r = rows[name]
+        print(f"{R1_STAGES[name]:48s} accuracy {r['accuracy']:.3f} | consistency (T = 1) "
+              f"{r['consistency']:.3f} | mixing {r['mixing_rate']:.3f} | length {r['length']:.0f}"
+              f" | {r['steps']} RL steps | {time.time() - t0:.0f}s", flush=True)
+
+    # 0. the base and R1-Zero, evaluated as every stage is
+    rows["base"] = stage_row("base", grpo.evaluate_policy(base, enc, heldout, width, cfg.k,
+                                                          cfg.seed), 0, 0.0)
+    say("base")
+    rows["r1_zero"] = r1_zero(base, enc, base_cfg, cfg, heldout)
+    say("r1_zero")
+    # 1. cold start: SFT of the base on a few hundred readable traces made by the rule
+    rng = random.Random(f"r1-cold-start-{cfg.seed}")
+    problems = grpo.training_problems(rng, cfg.cold_start, width, excluded)
+    cold = cold_start_traces(enc, problems, width, base.args.pad_id)
+    cold_model, rows["cold_start"] = r1_sft(base, enc, base_cfg, cfg, "cold_start", cold, heldout)
+    cold_ev = rows["cold_start"].pop("figures")
+    say("cold_start")
+    # 2. reasoning RL with the consistency reward (and, as a control, without it)
+    if cfg.ablate:
+        rows["reasoning_rl_no_consistency"] = r1_rl(trainable_copy(cold_model), enc, base_cfg,
+                                                    cfg, "reasoning_rl_no_consistency",
+                                                    cfg.rl_steps, 0.0, cold_ev)
+        say("reasoning_rl_no_consistency")
+    rl_model = trainable_copy(cold_model)
+    rows["reasoning_rl"] = r1_rl(rl_model, enc, base_cfg, cfg, "reasoning_rl", cfg.rl_steps,
+                                 cfg.consistency_weight, cold_ev)
+    say("reasoning_rl")
+    # 3. rejection sampling from stage 2 (right, well-formed, one notation, not over-long),
+    # then SFT of the BASE on what is kept
+    t = time.time()
+    rng = random.Random(f"r1-rejection-{cfg.seed}")
+    problems = grpo.training_problems(rng, cfg.rs_prompts, width, excluded)
+    eos = [train.special_id(enc, "<|eos|>")]
+    longest = len(train.encode(enc, train.readable_solution(0, 0, width))) + len(eos)
+    kept, kept_stats = teacher_traces(rl_model.eval(), enc, problems, width, cfg.trace_samples,
+                                      cfg.trace_temperature, cfg.seed, world="zero",
+                                      notation=train.PROMPT_NOTATION, max_tokens=longest)
+    print(f"rejection sampling: kept {kept_stats['n_traces_kept']} of "
+          f"{kept_stats['n_traces_generated']} samples of stage 2 (T = {cfg.trace_temperature}) "
+          f"| {time.time() - t:.0f}s", flush=True)
+    sft_model, rows["rejection_sft"] = r1_sft(base, enc, base_cfg, cfg, "rejection_sft", kept,
+                                              heldout)
+    rows["rejection_sft"]["seconds"] += time.time() - t
+    sft_ev = rows["rejection_sft"].pop("figures")
+    say("rejection_sft")
+    # 4. the final RL, from the stage-3 model, on the rule rewards
+    final_weight = cfg.consistency_weight if cfg.final_consistency else 0.0
+    rows["final_rl"] = r1_rl(sft_model, enc, base_cfg, cfg, "final_rl", cfg.rl_steps,
+                             final_weight, sft_ev)
+    say("final_rl")
+    # 5. the files
+    s = {"r1_zero_accuracy": rows["r1_zero"]["accuracy"],
+         "r1_accuracy": rows["final_rl"]["accuracy"],
+         "r1_zero_consistency": rows["r1_zero"]["consistency"],
+         "r1_consistency": rows["final_rl"]["consistency"],
+         "r1_zero_mixing_rate": rows["r1_zero"]["mixing_rate"],
+         "r1_mixing_rate": rows["final_rl"]["mixing_rate"],
+         "r1_zero_steps_to_90": rows["r1_zero"]["steps_to_90"],
+         "r1_steps_to_90": r1_steps_to_90(rows, cfg),
+         "r1_zero_steps": rows["r1_zero"]["steps"], "r1_steps": 2 * cfg.rl_steps,
+         "stages": list(rows.values()), "n_cold_start": cfg.cold_start, **kept_stats,
+         "seed": cfg.seed, "init": cfg.init, "rl_init": cfg.rl_init, "n": cfg.n, "k": cfg.k,
+         "consistency_weight": cfg.consistency_weight, "final_consistency": cfg.final_consistency,
+         "wall_seconds": time.time() - t0}
+    if cfg.ablate:
+        with_it, without = rows["reasoning_rl"], rows["reasoning_rl_no_consistency"]
+        s["consistency_reward_accuracy_change"] = with_it["accuracy"] - without["accuracy"]
+        s["consistency_reward_consistency_change"] = with_it["consistency"] - without["consistency"]
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(s, f, indent=2)
+    with open(os.path.join(cfg.out, "table.md"), "w") as f:
+        f.write(r1_table(s) + "\n")
+    r1_plot(s, cfg, os.path.join(cfg.out, "r1.png"))
+    return s
+
+
+def r1_table(s: dict) -> str:
+    """R1-Zero vs each R1 stage as a markdown table (printed and saved as table.md)."""
+    lines = ["| stage | held-out accuracy (greedy) | language consistency (T = 1) | mixing "
+             "(T = 1) | length (greedy) | verification (T = 1) | RL steps | to 0.9 | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in s["stages"]:
+        to_90 = "never" if r["steps_to_90"] is None else r["steps_to_90"]
+        if r["steps"] == 0:
+            to_90 = "-"
+        lines.append(f"| {R1_STAGES[r['name']]} | {r['accuracy']:.3f} | {r['consistency']:.3f} | "
+                     f"{r['mixing_rate']:.3f} | {r['length']:.0f} | "
+                     f"{r['verification_rate']:.3f} | {r['steps']} | {to_90} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def r1_plot(s: dict, cfg: DistillConfig, path: str) -> None:
+    """r1.png: per stage, accuracy and language consistency (bars); held-out accuracy along the RL
+    steps of R1-Zero and of R1's two RL stages (their metrics.jsonl). A bare Figure."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(12, 4.2))
+    ax, curve = fig.subplots(1, 2)
+    names = [r["name"] for r in s["stages"]]
+    x = torch.arange(len(names)).tolist()
+    for shift, key, color in ((-0.2, "accuracy", "#1f77b4"), (0.2, "consistency", "#2ca02c")):
+        ax.bar([i + shift for i in x], [r[key] for r in s["stages"]], width=0.4, color=color,
+               label=key + (" (greedy)" if key == "accuracy" else " (T = 1)"))
+    ax.set_xticks(x, [n.replace("_", "\n") for n in names], fontsize=7)
+    ax.set(ylim=(0, 1.05), title="R1-Zero and R1's stages (held-out)")
+    ax.legend(fontsize=8, loc="lower right")
+    # the RL curves: R1's final RL continues where reasoning RL's step count ended
+    folders = {"R1-Zero": os.path.join(cfg.out, "r1_zero") if not cfg.rl_init else
+               (cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)),
+               "2. reasoning RL": os.path.join(cfg.out, "reasoning_rl"),
+               "4. final RL": os.path.join(cfg.out, "final_rl")}
+    for label, folder in folders.items():
+        metrics = os.path.join(folder, "metrics.jsonl")
+        if not os.path.isfile(metrics):
+            continue
+        points = [json.loads(line) for line in open(metrics)]
+        offset = cfg.rl_steps if label == "4. final RL" else 0
+        points = [(r["step"] + offset, r["heldout_accuracy"]) for r in points
+                  if "heldout_accuracy" in r]
+        curve.plot(*zip(*points), "o-", label=label)
+    curve.axhline(0.9, ls=":", color="k")
+    curve.set(xlabel="RL steps", ylabel="held-out accuracy (greedy)", ylim=(0, 1.02),
+              title="accuracy along RL")
+    curve.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 # ---- command line
 
 
 def parse_config(argv: list[str] | None = None) -> DistillConfig:
-    return train.config_from_flags(DistillConfig(), argv, __doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = train.config_from_flags(DistillConfig(), argv, __doc__)
+    if cfg.recipe == "r1":
+        train.set_out_unless_given(cfg, argv, "out/r1")
+    return cfg
+
+
+def main_r1(cfg: DistillConfig) -> None:
+    """--recipe r1: check the inputs before any work, then run_r1."""
+    if not os.path.isfile(cfg.init):
+        raise SystemExit(f"error: no base checkpoint at {cfg.init}: run `python train.py` first "
+                         f"(or pass --init CKPT)")
+    folder = cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)
+    files = [os.path.join(folder, f) for f in ("ckpt.pt", "metrics.jsonl")]
+    if cfg.rl_init and not all(map(os.path.isfile, files)):
+        raise SystemExit(f"error: no R1-Zero run at {cfg.rl_init}: run `python grpo.py` first, "
+                         f"or pass --rl-init '' to run R1-Zero here ({cfg.zero_steps} steps)")
+    if not cfg.overwrite:
+        train.check_fresh_out(cfg.out, ("summary.json", "table.md", "final_rl"),
+                              resume_flag=False)
+    s = run_r1(cfg)
+    print(r1_table(s))
+    ratio = ""
+    if s["r1_zero_steps_to_90"] and s["r1_steps_to_90"] is not None:
+        ratio = f" ({s['r1_steps_to_90'] / s['r1_zero_steps_to_90']:.2f}x)"
+    print(f"R1-Zero {s['r1_zero_accuracy']:.3f} accuracy, {s['r1_zero_consistency']:.3f} "
+          f"consistency, 0.9 after {s['r1_zero_steps_to_90']} RL steps | R1 "
+          f"{s['r1_accuracy']:.3f}, {s['r1_consistency']:.3f}, 0.9 after {s['r1_steps_to_90']}"
+          f"{ratio} | {s['wall_seconds']:.0f}s | {cfg.out}/summary.json")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.recipe == "r1":
+        main_r1(cfg)
+        return
     if not os.path.isfile(cfg.teacher):
         raise SystemExit(f"error: no teacher checkpoint at {cfg.teacher}: run `python train.py` "
                          f"then `python grpo.py` first (or pass --teacher CKPT)")

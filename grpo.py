@@ -33,6 +33,9 @@ response, the template's <think> included:
               the target
     format    one non-empty <think>...</think>, then exactly one non-empty <answer>...</answer>,
               nothing else. `--reward format` rewards this alone: a control with no accuracy jump.
+    language consistency  (R1 §2.3.2, off by default: --consistency-weight 1 adds it) the share
+              of the columns worked inside <think> written in the prompt's notation (symbols);
+              distill.py --recipe r1 uses it in DeepSeek-R1's own recipe.
 
 What RL can grow here (train.py's zero world): the corpus's writers draft a hasty answer, then
 work columns from the right and mostly stop early, so the pretrained model thinks briefly and is
@@ -90,6 +93,7 @@ class GRPOConfig:
     skip_zero_var: bool = False   # drop groups whose rewards are all equal (no signal)
     reward: str = "accuracy"      # "accuracy" (+ format_weight x format) | "format" (control)
     format_weight: float = 1.0    # the format reward's weight beside accuracy (R1: summed)
+    consistency_weight: float = 0.0  # weight of R1 2.3.2 language-consistency reward (0: R1-Zero)
     n: int = 200                  # evaluation problems
     pass_k: int = 4               # T = 1 samples per evaluation problem (pass@1 and pass@k)
     eval_interval: int = 5        # evaluate (steps_to_90) and save every this many steps
@@ -112,8 +116,8 @@ class GRPOConfig:
              "steps, n_prompts, mu, n, pass_k and eval_interval must be >= 1"),
             (self.bench_prompts >= 0, "bench_prompts must be >= 0 (0 = skip the benchmark)"),
             (self.group_size >= 2, "group_size must be >= 2: a group of one has no baseline"),
-            (min(self.temperature, self.lr) > 0 and self.beta >= 0,
-             "need temperature, lr > 0 and beta >= 0"),
+            (min(self.temperature, self.lr) > 0 and min(self.beta, self.consistency_weight) >= 0,
+             "need temperature, lr > 0 and beta, consistency_weight >= 0"),
             (0 <= self.eps_low < 1 and self.eps_high >= 0,
              "need 0 <= eps_low < 1 and eps_high >= 0"),
             (self.advantage in ("mean", "std"), "advantage must be 'mean' or 'std'"),
@@ -149,17 +153,28 @@ def accuracy_reward(completion: str, target) -> float:
     return float(answer is not None and bool(answer == value))
 
 
-def reward(completion: str, target: int, kind: str = "accuracy", format_weight: float = 1.0
-           ) -> float:
+def consistency_reward(completion: str) -> float:
+    """R1's language-consistency reward (§2.3.2): the share of the reasoning in the target
+    language, here of the columns worked inside <think>...</think> written in the prompt's
+    notation (train.PROMPT_NOTATION). 0.0 when no column is worked: an empty or absent
+    reasoning, or notation words that make no step, earn nothing."""
+    return train.parse_trace(completion)["language_consistency"]
+
+
+def reward(completion: str, target: int, kind: str = "accuracy", format_weight: float = 1.0,
+           consistency_weight: float = 0.0) -> float:
     """The training reward: accuracy + format_weight x format (R1 §2.2.2 sums the two rule
-    rewards), or format alone (the control). completion: the whole response, the template's
-    opening <think> included."""
+    rewards) + consistency_weight x language consistency (R1 §2.3.2 adds it, summed), or format
+    alone (the control). completion: the whole response, the template's <think> included."""
     if not isinstance(completion, str):
         raise ValueError(f"a completion must be a str, got {type(completion).__name__}: "
                          f"decode the ids first")
     if kind == "format":
         return format_reward(completion)
-    return accuracy_reward(completion, target) + format_weight * format_reward(completion)
+    total = accuracy_reward(completion, target) + format_weight * format_reward(completion)
+    if consistency_weight:
+        total += consistency_weight * consistency_reward(completion)
+    return total
 
 
 def thinks(completion: str) -> bool:
@@ -204,6 +219,19 @@ class Rollout:
     ids: list = field(default_factory=list)  # [N] each response's generated token ids
 
 
+def layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of prompt + response ids, right-padded: tokens [N, T], and mask [N, T-1], 1.0 where
+    the next token tokens[:, t+1] is a response token (what a loss on the response counts)."""
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T - 1)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+    return tokens, mask
+
+
 def rollout(model: train.Transformer, enc, prompts: list[str], targets: list[int], G: int,
             temperature: float, max_new_tokens: int, reward_fn=accuracy_reward, generator=None,
             use_cache: bool = True) -> Rollout:
@@ -219,12 +247,7 @@ def rollout(model: train.Transformer, enc, prompts: list[str], targets: list[int
     seconds = time.perf_counter() - t0
     model.train(was_training)
     # 2. right-padded prompt + response, and the mask of the positions predicting the response
-    T = max(len(p) + len(r) for p, r in zip(rows, responses))
-    tokens = torch.full((len(rows), T), model.args.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T - 1)
-    for i, (p, r) in enumerate(zip(rows, responses)):
-        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+    tokens, mask = layout(rows, responses, model.args.pad_id)
     # 3. score the decoded texts, with the part of the response the template wrote
     opened = ["<think>" if p.endswith("<think>") else "" for p in prompts for _ in range(G)]
     texts = [o + enc.decode(r) for o, r in zip(opened, responses)]
@@ -447,11 +470,13 @@ def grpo_step(model: train.Transformer, opt: torch.optim.Optimizer, ref: train.T
 
 
 def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None,
-             base_cfg: train.Config, reward_fn=None, verbose: bool = True) -> dict:
+             base_cfg: train.Config, reward_fn=None, verbose: bool = True,
+             before: dict | None = None) -> dict:
     """GRPO on model, in place. Writes metrics.jsonl and ckpt.pt (train.py's format) to out_dir as
     it goes (None: nothing); write_outputs adds summary.json and grpo.png. Returns the summary.
     base_cfg: the pretraining Config (the world and its width; saved in the checkpoints).
-    reward_fn(text, target) -> float overrides cfg.reward / cfg.format_weight."""
+    reward_fn(text, target) -> float overrides cfg.reward / cfg.format_weight. before: the
+    model's evaluate_policy figures (cfg.n, cfg.pass_k, cfg.seed) if already measured."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     width = base_cfg.train.max_digits
@@ -482,17 +507,18 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
     def score(text: str, target: int) -> float:
         if reward_fn is not None:
             return reward_fn(text, target)
-        return reward(text, target, cfg.reward, cfg.format_weight)
+        return reward(text, target, cfg.reward, cfg.format_weight, cfg.consistency_weight)
 
-    def held_out_eval(step: int, k: int) -> dict:
-        ev = evaluate_policy(model, enc, heldout, width, k, cfg.seed, world)
+    def held_out_eval(step: int, k: int, ev: dict | None = None) -> dict:
+        if ev is None:
+            ev = evaluate_policy(model, enc, heldout, width, k, cfg.seed, world)
         log_row({"step": step, **{"heldout_" + key: v for key, v in ev.items()}})
         shown = ("accuracy", "mean_length", "verification_rate", "mixing_rate", "accuracy_t1")
         say(f"eval @ {step}: held-out " + " | ".join(f"{k} {ev[k]:.3f}" for k in shown))
         return ev
 
     t_start = time.time()
-    before = held_out_eval(0, cfg.pass_k)
+    before = held_out_eval(0, cfg.pass_k, before)
     after = before
     steps_to_90 = 0 if before["accuracy"] >= 0.9 else None
     model.train()
@@ -530,8 +556,8 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
             summary[f"{key.replace('mean_', '')}_{when}"] = ev[key]
     summary.update(steps_to_90=steps_to_90, steps=cfg.steps, wall_seconds=time.time() - t_start,
                    n=cfg.n, pass_k=cfg.pass_k, world=world)
-    for key in ("reward", "format_weight", "advantage", "aggregation", "lr", "beta", "mu",
-                "seed"):
+    for key in ("reward", "format_weight", "consistency_weight", "advantage", "aggregation", "lr",
+                "beta", "mu", "seed"):
         summary[key] = getattr(cfg, key)
     return summary
 
@@ -540,7 +566,8 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
 SUMMARY_KEYS = ("accuracy", "accuracy_t1", "pass_at_k", "think_rate", "format_rate",
                 "mean_length", "steps_worked", "verification_rate", "correction_rate",
                 "consistency", "mixing_rate", "truncation_rate", "mean_length_t1",
-                "verification_rate_t1", "mixing_rate_t1", "consistency_t1", "steps_worked_t1")
+                "verification_rate_t1", "mixing_rate_t1", "consistency_t1", "steps_worked_t1",
+                "language_consistency", "language_consistency_t1")
 
 
 # ---- the run's files and rollout speed
@@ -632,9 +659,8 @@ def parse_config(argv: list[str] | None = None) -> GRPOConfig:
     """GRPOConfig from flags generated from its fields (train.add_flags): --group-size 8, ..."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = train.config_from_flags(GRPOConfig(), argv, __doc__)
-    out_given = any(a == "--out" or a.startswith("--out=") for a in argv)
-    if cfg.reward == "format" and not out_given:
-        cfg.out = "out/grpo_format_control"
+    if cfg.reward == "format":
+        train.set_out_unless_given(cfg, argv, "out/grpo_format_control")
     return cfg
 
 

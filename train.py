@@ -391,6 +391,12 @@ THOROUGHNESS = 1.0
 MARK = ":"
 # What heads a textbook's worked example in the corpus (see zero_example)
 TEXTBOOK = "Worked example: "
+# The prompt `a+b=` is written in symbols: R1's language-consistency reward (§2.3.2) scores the
+# share of the reasoning in the question's language, so here the share of columns in "sym"
+PROMPT_NOTATION = "sym"
+# What ends a readable solution's reasoning (R1's cold start: <reasoning_process>, then a
+# <summary>): the sum restated in the solution's notation
+SUMMARIES = {"sym": " so {a} + {b} = {s}", "word": " so {a} plus {b} is {s}"}
 
 
 def draft(a: int, b: int, width: int) -> str:
@@ -453,6 +459,18 @@ def zero_solution(a: int, b: int, width: int, rng: random.Random, tc: TrainConfi
     return f"{text}</think><answer>{so_far}</answer>", int(so_far)
 
 
+def readable_solution(a: int, b: int, width: int, notation: str = PROMPT_NOTATION) -> str:
+    """A readable solution (R1 §2.3.1's cold-start data, written by a rule, never by a model): the
+    draft, every column worked in ONE notation, then a summary restating the sum in it. At width
+    4: '06229 8 + 1 + 0 = 09,0622:9 ... 0 + 0 + 0 = 00,:07329 so 4738 + 2591 = 07329' then
+    '</think><answer>07329</answer>'. No check: nothing is left as drafted."""
+    n = width + 1
+    guess = draft(a, b, width)
+    steps, so_far = column_steps(a, b, width, range(n), [notation] * n, guess)
+    summary = SUMMARIES[notation].format(a=f"{a:0{width}d}", b=f"{b:0{width}d}", s=so_far)
+    return f"{' '.join([guess] + steps)}{summary}</think><answer>{so_far}</answer>"
+
+
 def hasty_sum(a: int, b: int) -> int:
     """What a hasty writer answers without working it out: each column's digit sum mod 10, carries
     forgotten. Right exactly when no column carries (4738+2591 -> 6229, not 7329)."""
@@ -500,7 +518,8 @@ def parse_trace(response: str) -> dict:
     """What a response's reasoning did, parsed (never evaluated): worked (columns worked out),
     notations (theirs, in order), verified (it has a check), corrected (the check ended on a
     different number than the first pass: the draft or the last answer so far before the
-    check), consistency (share of worked columns in the majority notation; 1.0 with none) and
+    check), consistency (share of worked columns in the majority notation; 1.0 with none),
+    language_consistency (share in PROMPT_NOTATION, R1's target language; 0.0 with none) and
     mixed (both notations used)."""
     think = response.split("<think>", 1)[1] if "<think>" in response else ""
     passes = think.split("</think>", 1)[0].split(CHECK)
@@ -518,6 +537,7 @@ def parse_trace(response: str) -> dict:
     return {"worked": len(notations), "notations": notations, "verified": verified,
             "corrected": verified and ends[0] != ends[-1],
             "consistency": max(counts.values()) / len(notations) if notations else 1.0,
+            "language_consistency": counts[PROMPT_NOTATION] / max(len(notations), 1),
             "mixed": len(counts) > 1}
 
 
@@ -727,23 +747,24 @@ def well_formed(response: str) -> bool:
     return WELL_FORMED.fullmatch(response) is not None
 
 
-def longest_response(width: int, world: str = "zero") -> str:
-    """The longest response the world writes at this width (after the template): the draft, one
-    column, a check that works the rest, the verdict (zero); the worked solution (choice). Token
-    counts do not depend on the digits (each digit is one token) nor on the notation."""
+def longest_responses(width: int, world: str = "zero") -> list[str]:
+    """The longest responses of each kind at this width (after the template): the zero world's
+    draft, one column, a check that works the rest and the verdict, and the readable solution
+    (R1's cold start and what it grows); the choice world's worked solution. Token counts do not
+    depend on the digits (each digit is one token) nor on the notation."""
     if world == "choice":
-        return render(0, 0, True, width)[1]
+        return [render(0, 0, True, width)[1]]
     n = width + 1
     steps, so_far = column_steps(0, 0, width, range(n), ["word"] * n, draft(0, 0, width))
     body = " ".join([so_far, steps[0]]) + CHECK + " ".join(steps[1:]) + VERDICTS[1]
-    return f"{body}</think><answer>{so_far}</answer>"
+    return [f"{body}</think><answer>{so_far}</answer>", readable_solution(0, 0, width, "word")]
 
 
 def max_response_tokens(width: int, world: str = "zero", enc=None) -> int:
     """The generation cap: the longest response's tokens (characters without a tokenizer: each
     token is at least one character) plus slack."""
-    text = longest_response(width, world)
-    return (len(text) if enc is None else len(encode(enc, text))) + 8
+    texts = longest_responses(width, world)
+    return max(len(t) if enc is None else len(encode(enc, t)) for t in texts) + 8
 
 
 def world_tokens_bound(width: int, world: str = "zero", enc=None) -> int:
@@ -759,10 +780,13 @@ def trace_metrics(texts: list[str], ids: list[list[int]], n_new: int) -> dict:
     tokens): think_rate, format_rate, mean_length (generated tokens), steps_worked (columns worked
     out per response), verification_rate, correction_rate (share of responses whose check changed
     the answer), consistency (mean share of a trace in its majority notation), mixing_rate (share
-    using both notations) and truncation_rate (responses that hit the cap n_new: no answer, so
-    reward 0, counted here rather than silently)."""
+    using both notations), language_consistency (of all columns worked in the batch, the share in
+    PROMPT_NOTATION: R1's language consistency) and truncation_rate (responses that hit the cap
+    n_new: no answer, so reward 0, counted here rather than silently)."""
     traces = [parse_trace(t) for t in texts]
     n = len(texts)
+    worked = sum(t["worked"] for t in traces)
+    in_notation = sum(t["notations"].count(PROMPT_NOTATION) for t in traces)
 
     def share(values) -> float:
         return sum(map(float, values)) / n
@@ -775,6 +799,7 @@ def trace_metrics(texts: list[str], ids: list[list[int]], n_new: int) -> dict:
             "correction_rate": share(t["corrected"] for t in traces),
             "consistency": share(t["consistency"] for t in traces),
             "mixing_rate": share(t["mixed"] for t in traces),
+            "language_consistency": in_notation / max(worked, 1),
             "truncation_rate": share(len(r) >= n_new and "<|eos|>" not in t
                                      for r, t in zip(ids, texts))}
 
@@ -1691,6 +1716,12 @@ def config_from_flags(cfg, argv: list[str] | None, description: str, check=valid
     except ValueError as e:
         parser.error(str(e))
     return cfg
+
+
+def set_out_unless_given(cfg, argv: list[str], out: str) -> None:
+    """Point cfg.out at `out` unless --out was passed: a variant run gets its own folder."""
+    if not any(a == "--out" or a.startswith("--out=") for a in argv):
+        cfg.out = out
 
 
 def check_config(cfg: Config) -> None:

@@ -140,14 +140,14 @@ def test_student_is_smaller_dense_and_shares_the_tokenizer():
 
 def test_smoke_run_end_to_end(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    tc = train.TrainConfig(steps=4, batch_size=4, seq_len=64, eval_interval=4, eval_n=8, out=str(tmp_path / "t"),
-                           device="cpu")
-    train.train(train.Config(train=tc))
+    # a tiny teacher on 2-digit sums, and RL on 2 prompts x G = 2: a smoke run, not a measurement
+    train.train(train.tiny_config(steps=4, eval_interval=4, eval_n=8, out=str(tmp_path / "t"), device="cpu"))
+    monkeypatch.setattr(grpo, "GRPOConfig", small_rl(grpo.GRPOConfig))
     cfg = distill.DistillConfig(teacher=str(tmp_path / "t" / "ckpt.pt"), out=str(tmp_path / "d"), seeds=2,
                                 student_steps=3, trace_prompts=8, trace_samples=2, trace_temperature=1.0,
                                 updates=2, batch_size=4, distill_rl_updates=1, n=4, device="cpu")
     # an untrained teacher is rarely right: accept every well-formed trace so the pipeline has data
-    monkeypatch.setattr(distill, "keep_trace", lambda text, target: True)
+    monkeypatch.setattr(distill, "keep_trace", lambda *args: True)
     s = distill.run(cfg)
     for key in ("teacher_accuracy", "student_base_accuracy", "student_rl_accuracy", "student_distill_accuracy",
                 "student_distill_rl_accuracy", "student_token_kd_accuracy", "n_traces_kept", "seeds", "wall_seconds"):
@@ -163,3 +163,128 @@ def test_missing_teacher_and_bad_flags_fail_clearly(tmp_path):
         distill.main(["--teacher", str(tmp_path / "nope.pt")])
     with pytest.raises(SystemExit):
         distill.parse_config(["--seeds", "0"])
+
+
+# ---- R1's recipe (--recipe r1): the stricter filter, the cold start, the stages chained
+
+W4 = 4
+SYM = "<think>" + train.readable_solution(4738, 2591, W4)          # right, one notation
+WORD = "<think>" + train.readable_solution(4738, 2591, W4, "word")
+SWITCHED = SYM.replace("3 + 9 + 0 = 12", "3 plus 9 plus 0 is 12")  # right, but mixed
+R1_CASES = [(SYM, 60, True), (SYM + "<|eos|>", 60, True), (WORD, 60, False), (SWITCHED, 60, False),
+            # right and well-formed but no column worked: nothing in the target notation
+            ("<think>07329</think><answer>07329</answer>", 60, False),
+            # a wrong sum in the right notation
+            (SYM.replace("<answer>07329", "<answer>07330"), 60, False),
+            # over-long: more tokens than allowed
+            (SYM, 61, False)]
+
+
+@pytest.mark.parametrize("text,n_tokens,kept", R1_CASES)
+def test_r1_filter_keeps_right_single_notation_traces_of_bounded_length(text, n_tokens, kept):
+    assert distill.keep_trace(text, 4738 + 2591, train.PROMPT_NOTATION, n_tokens, 60) is kept
+    # distillation's filter (no notation, no length bound) keeps every right, well-formed one
+    assert distill.keep_trace(text, 4738 + 2591) is (text.count("07330") == 0 and "07329" in text)
+
+
+def test_cold_start_traces_are_the_rule_s_readable_solutions_laid_out_for_sft():
+    enc, _ = tiny_world()
+    problems = [(4738, 2591), (5, 7), (999999, 1)]
+    cold = distill.cold_start_traces(enc, problems, WIDTH, train.special_id(enc, "<|pad|>"))
+    assert cold.targets == [7329, 12, 1000000]
+    for i, (a, b) in enumerate(problems):
+        # the masked positions predict exactly the readable solution and its <|eos|>
+        response = cold.tokens[i][cold.mask[i].nonzero().squeeze(1) + 1].tolist()
+        assert enc.decode(response) == train.readable_solution(a, b, WIDTH) + "<|eos|>"
+        assert cold.texts[i] == "<think>" + train.readable_solution(a, b, WIDTH)
+        assert distill.keep_trace(cold.texts[i], a + b, train.PROMPT_NOTATION)
+        prompt = cold.tokens[i][:int(cold.mask[i].nonzero()[0]) + 1].tolist()
+        assert enc.decode(prompt) == grpo.template([(a, b)], WIDTH)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny zero-world model (2-digit sums) and an R1-Zero run of 2 steps from it."""
+    root = tmp_path_factory.mktemp("r1")
+    torch.manual_seed(0)
+    cfg = train.tiny_config(steps=30, eval_interval=30, out=str(root / "pre"), device="cpu")
+    train.train(cfg)
+    model, enc, base_cfg, _ = train.load_checkpoint(str(root / "pre" / "ckpt.pt"))
+    g = grpo.GRPOConfig(steps=2, n_prompts=2, group_size=2, n=4, pass_k=1, bench_prompts=0)
+    summary = grpo.rl_train(model, enc, g, str(root / "zero"), base_cfg, verbose=False)
+    grpo.write_outputs(summary, str(root / "zero"))
+    return root
+
+
+def test_r1_pipeline_chains_its_stages_and_fine_tunes_the_base(tiny_base, tmp_path, monkeypatch):
+    root = tiny_base
+    base, _, _, _ = train.load_checkpoint(str(root / "pre" / "ckpt.pt"))
+    base_sum = sum(p.double().sum().item() for p in base.parameters())
+    started_from = []
+    real_train = distill.distill_train
+
+    def recording(model, traces, cfg, *args, **kwargs):
+        started_from.append(sum(p.double().sum().item() for p in model.parameters()))
+        return real_train(model, traces, cfg, *args, **kwargs)
+
+    # a tiny model's stage 2 is rarely right: keep every trace so stage 3 has data
+    monkeypatch.setattr(distill, "distill_train", recording)
+    monkeypatch.setattr(distill, "keep_trace", lambda *args: True)
+    monkeypatch.setattr(grpo, "GRPOConfig", small_rl(grpo.GRPOConfig))
+    cfg = distill.DistillConfig(recipe="r1", init=str(root / "pre" / "ckpt.pt"),
+                                rl_init=str(root / "zero"), out=str(tmp_path / "r1"),
+                                cold_start=8, sft_updates=2, sft_batch_size=4, rl_steps=2,
+                                rs_prompts=4, trace_samples=1, n=4, k=1, ablate=True,
+                                device="cpu")
+    s = distill.run_r1(cfg)
+    names = [r["name"] for r in s["stages"]]
+    assert names == ["base", "r1_zero", "cold_start", "reasoning_rl_no_consistency",
+                     "reasoning_rl", "rejection_sft", "final_rl"]
+    for key in ("r1_zero_accuracy", "r1_accuracy", "r1_zero_consistency", "r1_consistency",
+                "r1_zero_steps_to_90", "r1_steps_to_90", "wall_seconds", "stages",
+                "consistency_reward_accuracy_change"):
+        assert key in s, key
+    for r in s["stages"]:
+        assert {"name", "accuracy", "consistency", "length", "steps"} <= set(r)
+    # R1-Zero reused from --rl-init: its steps and its checkpoint's accuracy
+    assert s["stages"][1]["steps"] == 2 and s["r1_zero_steps"] == 2 and s["r1_steps"] == 4
+    assert s["r1_accuracy"] == s["stages"][-1]["accuracy"]
+    # stage 1 and stage 3 both start from the base (R1 fine-tunes V3-Base, not the RL model)
+    assert started_from == pytest.approx([base_sum, base_sum], rel=1e-9)
+    assert json.load(open(tmp_path / "r1" / "summary.json")) == s
+    for f in ("table.md", "r1.png", "cold_start/ckpt.pt", "reasoning_rl/metrics.jsonl",
+              "rejection_sft/ckpt.pt", "final_rl/ckpt.pt"):
+        assert (tmp_path / "r1" / f).exists(), f
+    # the stage-4 checkpoint is R1: it loads like any checkpoint of the project
+    final, _, final_cfg, _ = train.load_checkpoint(str(tmp_path / "r1" / "final_rl" / "ckpt.pt"))
+    assert final_cfg.train.world == "zero"
+
+
+def small_rl(config_class):
+    """GRPOConfig with 2 prompts x G = 2 unless told otherwise: a smoke run, not a measurement."""
+    def make(**kwargs):
+        return config_class(**{"n_prompts": 2, "group_size": 2, **kwargs})
+    return make
+
+
+def test_r1_recipe_checks_its_inputs_before_any_work(tiny_base, tmp_path):
+    root = tiny_base
+    with pytest.raises(SystemExit, match="no base checkpoint"):
+        distill.main(["--recipe", "r1", "--init", str(tmp_path / "nope.pt"), "--out",
+                      str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="no R1-Zero run"):
+        distill.main(["--recipe", "r1", "--init", str(root / "pre" / "ckpt.pt"), "--rl-init",
+                      str(tmp_path / "none"), "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit):
+        distill.parse_config(["--recipe", "r2"])
+    with pytest.raises(SystemExit):
+        distill.parse_config(["--recipe", "r1", "--consistency-weight", "-1"])
+    assert distill.parse_config(["--recipe", "r1"]).out == "out/r1"
+    assert distill.parse_config([]).out == "out/distill"
+    # a choice-world base has no notations to be consistent in
+    choice = train.tiny_config(steps=1, eval_interval=1, world="choice",
+                               out=str(tmp_path / "choice"), device="cpu")
+    train.train(choice)
+    with pytest.raises(SystemExit, match="not a zero-world model"):
+        distill.main(["--recipe", "r1", "--init", str(tmp_path / "choice" / "ckpt.pt"),
+                      "--rl-init", "", "--out", str(tmp_path / "c")])

@@ -143,7 +143,8 @@ def test_the_cap_holds_every_solution_of_the_world():
     # the generated part: after the template's <think>
     longest = max(len(train.encode(enc, t.removeprefix("<think>")))
                   for _, _, t, _ in solutions(3000, verify_frac=0.5))
-    assert longest == len(train.encode(enc, train.longest_response(6))) == cap - 8
+    zero_longest = train.longest_responses(6)[0]
+    assert longest == len(train.encode(enc, zero_longest)) <= cap - 8
     # without a tokenizer the bound is by characters, looser
     assert train.max_response_tokens(6) >= cap
 
@@ -179,3 +180,92 @@ def test_an_aha_must_say_its_slip():
     """A check that changed the answer but reports ' ok' found no slip it could name."""
     silent = SLIPPED.replace(" wrong</think>", " ok</think>")
     assert train.parse_trace(silent)["corrected"] and not grpo.is_aha(silent, 7329)
+
+
+# ---- R1's recipe: readable solutions and language consistency (R1 §2.3.1-2.3.2)
+
+PURE_WORD = ("<think>0046 6 plus 0 plus 0 is 06,004:6 4 plus 0 plus 0 is 04,00:46</think>"
+             "<answer>0046</answer>")
+MIXED = ("<think>0046 6 + 0 + 0 = 06,004:6 1 plus 3 plus 0 is 04,00:46 0 plus 0 plus 0 is 00,"
+         "0:046</think><answer>0046</answer>")
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 6])
+@pytest.mark.parametrize("notation", ["sym", "word"])
+def test_readable_solutions_are_right_complete_and_in_one_notation(width, notation):
+    rng = random.Random(width)
+    for _ in range(300):
+        a, b = train.sample_problem(rng, 1, width)
+        text = "<think>" + train.readable_solution(a, b, width, notation)
+        trace = train.parse_trace(text)
+        assert train.parse_answer(text) == a + b and train.well_formed(text)
+        assert trace["worked"] == width + 1 and set(trace["notations"]) == {notation}
+        assert not trace["verified"] and not trace["mixed"]
+        assert trace["language_consistency"] == (1.0 if notation == "sym" else 0.0)
+        # the summary restates the sum in the same notation, at the prompt's widths
+        plus = " + " if notation == "sym" else " plus "
+        assert f" so {a:0{width}d}{plus}{b:0{width}d}" in text
+
+
+def test_the_cap_holds_readable_solutions():
+    enc = train.make_tokenizer(train.TrainConfig())
+    cap = train.max_response_tokens(6, "zero", enc)
+    longest = max(len(train.encode(enc, train.readable_solution(a, b, 6, n)))
+                  for a, b in [(0, 0), (999999, 999999), (123, 45)] for n in ("sym", "word"))
+    # the cap is set by the longest of the two kinds
+    assert longest == cap - 8
+
+
+def test_language_consistency_by_hand():
+    # pure: every column in the prompt's notation, or none of them
+    assert train.parse_trace(SLIPPED)["language_consistency"] == 1.0
+    assert train.parse_trace(PURE_WORD)["language_consistency"] == 0.0
+    # mixed: 1 of 3 columns in symbols (the majority notation is words: consistency 2/3)
+    t = train.parse_trace(MIXED)
+    assert t["language_consistency"] == pytest.approx(1 / 3)
+    assert t["consistency"] == pytest.approx(2 / 3)
+    # empty: no reasoning, or reasoning with no column, is not consistent (0, not 1)
+    for text in ("", "<answer>0046</answer>", "<think></think><answer>0046</answer>",
+                 "<think>0046</think><answer>0046</answer>"):
+        assert train.parse_trace(text)["language_consistency"] == 0.0
+
+
+ADVERSARIAL = [
+    # symbols outside the reasoning earn nothing
+    ("<think>0046</think><answer>6 + 0 + 0 = 06,004:6</answer>", 0.0),
+    ("<think>0046</think>6 + 0 + 0 = 06,004:6<answer>0046</answer>", 0.0),
+    # symbol-like text that makes no step earns nothing; words beside symbol steps dilute them
+    ("<think>+ + + = = = 6 + 0 = 6</think><answer>0046</answer>", 0.0),
+    ("<think>0046 6 + 0 + 0 = 6,004:6 plus plus is</think><answer>0046</answer>", 0.0),
+    # a check in words counts its columns too
+    ("<think>0046 6 + 0 + 0 = 06,004:6 check 4 plus 0 plus 0 is 04,00:46 ok</think>"
+     "<answer>0046</answer>", 0.5),
+    # an unclosed think block: what follows it is still its reasoning
+    ("<think>0046 6 + 0 + 0 = 06,004:6", 1.0),
+]
+
+
+@pytest.mark.parametrize("text,share", ADVERSARIAL)
+def test_consistency_reward_on_adversarial_traces(text, share):
+    assert grpo.consistency_reward(text) == pytest.approx(share)
+
+
+def test_consistency_reward_is_summed_with_accuracy_and_format():
+    for text, target in ((SLIPPED, 7329), (MIXED, 46), (PURE_WORD, 46), (PURE_WORD, 47)):
+        parts = (grpo.accuracy_reward(text, target), grpo.format_reward(text),
+                 grpo.consistency_reward(text))
+        assert grpo.reward(text, target, consistency_weight=1.0) == pytest.approx(sum(parts))
+        assert grpo.reward(text, target, consistency_weight=0.5) == pytest.approx(
+            parts[0] + parts[1] + 0.5 * parts[2])
+        # R1-Zero's reward is unchanged by default
+        assert grpo.reward(text, target) == parts[0] + parts[1]
+    assert grpo.reward(MIXED, 46, kind="format", consistency_weight=1.0) == 1.0
+
+
+def test_trace_metrics_pool_language_consistency_over_columns():
+    texts = [SLIPPED, MIXED, PURE_WORD, "<think>0046</think><answer>0046</answer>"]
+    m = train.trace_metrics(texts, [[0]] * 4, n_new=200)
+    # columns: 5 sym; 1 sym + 2 word; 2 word; none
+    assert m["language_consistency"] == pytest.approx(6 / 10)
+    assert m["mixing_rate"] == pytest.approx(1 / 4)
+    assert train.trace_metrics(["<answer>1</answer>"], [[0]], 20)["language_consistency"] == 0.0
