@@ -441,8 +441,8 @@ def run(cfg: DistillConfig) -> dict:
 R1_STAGES = {"base": "base (pretrained, V3-Base's part)",
              "r1_zero": "R1-Zero: GRPO on the base, accuracy + format",
              "cold_start": "1. cold start: SFT of the base on readable traces",
-             "reasoning_rl": "2. reasoning RL, + language consistency",
              "reasoning_rl_no_consistency": "2'. reasoning RL without it (ablation)",
+             "reasoning_rl": "2. reasoning RL, + language consistency",
              "rejection_sft": "3. rejection sampling, SFT of the base",
              "final_rl": "4. final RL (R1)"}
 
@@ -511,11 +511,13 @@ def r1_sft(base: train.Transformer, enc, base_cfg: train.Config, cfg: DistillCon
 
 
 def r1_zero(base: train.Transformer, enc, base_cfg: train.Config, cfg: DistillConfig,
-            heldout: list) -> dict:
+            heldout: list, base_ev: dict) -> dict:
     """R1-Zero to compare with: --rl-init's run (grpo.py's folder or its ckpt.pt), evaluated as
-    every stage is, or grpo.rl_train on the base here (--zero-steps steps, accuracy + format)."""
+    every stage is, or grpo.rl_train on the base here (--zero-steps steps, accuracy + format;
+    base_ev: the base's figures, its step 0)."""
     if not cfg.rl_init:
-        row = r1_rl(trainable_copy(base), enc, base_cfg, cfg, "r1_zero", cfg.zero_steps, 0.0)
+        row = r1_rl(trainable_copy(base), enc, base_cfg, cfg, "r1_zero", cfg.zero_steps, 0.0,
+                    base_ev)
         return {**row, "name": "r1_zero"}
     folder = cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)
     model, zero_enc, zero_cfg, _ = train.load_checkpoint(os.path.join(folder, "ckpt.pt"),
@@ -575,10 +577,10 @@ def run_r1(cfg: DistillConfig) -> dict:
               f" | {r['steps']} RL steps | {time.time() - t0:.0f}s", flush=True)
 
     # 0. the base and R1-Zero, evaluated as every stage is
-    rows["base"] = stage_row("base", grpo.evaluate_policy(base, enc, heldout, width, cfg.k,
-                                                          cfg.seed), 0, 0.0)
+    base_ev = grpo.evaluate_policy(base, enc, heldout, width, cfg.k, cfg.seed)
+    rows["base"] = stage_row("base", base_ev, 0, 0.0)
     say("base")
-    rows["r1_zero"] = r1_zero(base, enc, base_cfg, cfg, heldout)
+    rows["r1_zero"] = r1_zero(base, enc, base_cfg, cfg, heldout, base_ev)
     say("r1_zero")
     # 1. cold start: SFT of the base on a few hundred readable traces made by the rule
     rng = random.Random(f"r1-cold-start-{cfg.seed}")

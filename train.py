@@ -459,11 +459,13 @@ def zero_solution(a: int, b: int, width: int, rng: random.Random, tc: TrainConfi
     return f"{text}</think><answer>{so_far}</answer>", int(so_far)
 
 
-def readable_solution(a: int, b: int, width: int, notation: str = PROMPT_NOTATION) -> str:
+def readable_solution(a: int, b: int, width: int, notation: str | None = None) -> str:
     """A readable solution (R1 §2.3.1's cold-start data, written by a rule, never by a model): the
     draft, every column worked in ONE notation, then a summary restating the sum in it. At width
     4: '06229 8 + 1 + 0 = 09,0622:9 ... 0 + 0 + 0 = 00,:07329 so 4738 + 2591 = 07329' then
-    '</think><answer>07329</answer>'. No check: nothing is left as drafted."""
+    '</think><answer>07329</answer>'. No check: nothing is left as drafted. notation: None is
+    PROMPT_NOTATION, read at call time."""
+    notation = notation or PROMPT_NOTATION
     n = width + 1
     guess = draft(a, b, width)
     steps, so_far = column_steps(a, b, width, range(n), [notation] * n, guess)
