@@ -201,7 +201,7 @@ def test_grpo_refuses_a_text_checkpoint(tmp_path):
 
 def test_teacher_with_no_kept_sample_gives_a_clear_message(done_run, monkeypatch):
     teacher, enc, cfg, _ = train.load_checkpoint(str(done_run / "ckpt.pt"))
-    monkeypatch.setattr(distill, "keep_trace", lambda text, target: False)
+    monkeypatch.setattr(distill, "keep_trace", lambda *args: False)
     e = error_of(distill.teacher_traces, teacher, enc, [(1, 2), (3, 4)], 2, 1, 1.0)
     assert "kept none of the teacher's 2 samples" in str(e.code)
 
