@@ -519,7 +519,7 @@ def r1_zero(base: train.Transformer, enc, base_cfg: train.Config, cfg: DistillCo
         row = r1_rl(trainable_copy(base), enc, base_cfg, cfg, "r1_zero", cfg.zero_steps, 0.0,
                     base_ev)
         return {**row, "name": "r1_zero"}
-    folder = cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)
+    folder = zero_folder(cfg)
     model, zero_enc, zero_cfg, _ = train.load_checkpoint(os.path.join(folder, "ckpt.pt"),
                                                             next(base.parameters()).device)
     if train.tokenizer_state(zero_enc) != train.tokenizer_state(enc):
@@ -527,6 +527,13 @@ def r1_zero(base: train.Transformer, enc, base_cfg: train.Config, cfg: DistillCo
                          f"--init {cfg.init} (their tokenizers differ)")
     ev = grpo.evaluate_policy(model, enc, heldout, zero_cfg.train.max_digits, cfg.k, cfg.seed)
     return stage_row("r1_zero", ev, *rl_record(folder))
+
+
+def zero_folder(cfg: DistillConfig) -> str:
+    """The R1-Zero run's folder: --rl-init (a folder or its ckpt.pt), or out/r1_zero if run here."""
+    if not cfg.rl_init:
+        return os.path.join(cfg.out, "r1_zero")
+    return cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)
 
 
 def rl_record(folder: str) -> tuple[int, float, int | None]:
@@ -679,8 +686,7 @@ def r1_plot(s: dict, cfg: DistillConfig, path: str) -> None:
     ax.set(ylim=(0, 1.05), title="R1-Zero and R1's stages (held-out)")
     ax.legend(fontsize=8, loc="lower right")
     # the RL curves: R1's final RL continues where reasoning RL's step count ended
-    folders = {"R1-Zero": os.path.join(cfg.out, "r1_zero") if not cfg.rl_init else
-               (cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)),
+    folders = {"R1-Zero": zero_folder(cfg),
                "2. reasoning RL": os.path.join(cfg.out, "reasoning_rl"),
                "4. final RL": os.path.join(cfg.out, "final_rl")}
     for label, folder in folders.items():
@@ -716,8 +722,7 @@ def main_r1(cfg: DistillConfig) -> None:
     if not os.path.isfile(cfg.init):
         raise SystemExit(f"error: no base checkpoint at {cfg.init}: run `python train.py` first "
                          f"(or pass --init CKPT)")
-    folder = cfg.rl_init if os.path.isdir(cfg.rl_init) else os.path.dirname(cfg.rl_init)
-    files = [os.path.join(folder, f) for f in ("ckpt.pt", "metrics.jsonl")]
+    files = [os.path.join(zero_folder(cfg), f) for f in ("ckpt.pt", "metrics.jsonl")]
     if cfg.rl_init and not all(map(os.path.isfile, files)):
         raise SystemExit(f"error: no R1-Zero run at {cfg.rl_init}: run `python grpo.py` first, "
                          f"or pass --rl-init '' to run R1-Zero here ({cfg.zero_steps} steps)")

@@ -21,14 +21,10 @@ def tiny_world():
 
 def traces_from_texts(enc, problems, texts):
     """A grpo.Rollout the way rollout() lays it out, for hand-written responses."""
-    prompts = grpo.template(problems, WIDTH)
-    rows = [(train.encode(enc, p), train.encode(enc, r)) for p, r in zip(prompts, texts)]
-    T = max(len(p) + len(r) for p, r in rows)
-    tokens, mask = torch.full((len(rows), T), train.special_id(enc, "<|pad|>")), torch.zeros(len(rows), T - 1)
-    for i, (p, r) in enumerate(rows):
-        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
-    return grpo.Rollout(tokens, mask, torch.arange(len(rows)), torch.zeros(len(rows)), list(texts),
+    prompts = [train.encode(enc, p) for p in grpo.template(problems, WIDTH)]
+    tokens, mask = grpo.layout(prompts, [train.encode(enc, r) for r in texts],
+                               train.special_id(enc, "<|pad|>"))
+    return grpo.Rollout(tokens, mask, torch.arange(len(texts)), torch.zeros(len(texts)), list(texts),
                         [a + b for a, b in problems], 0.0)
 
 
@@ -141,7 +137,8 @@ def test_student_is_smaller_dense_and_shares_the_tokenizer():
 def test_smoke_run_end_to_end(tmp_path, monkeypatch):
     torch.manual_seed(0)
     # a tiny teacher on 2-digit sums, and RL on 2 prompts x G = 2: a smoke run, not a measurement
-    train.train(train.tiny_config(steps=4, eval_interval=4, eval_n=8, out=str(tmp_path / "t"), device="cpu"))
+    tiny = train.tiny_config(steps=4, eval_interval=4, eval_n=8, out=str(tmp_path / "t"), device="cpu")
+    train.train(tiny)
     monkeypatch.setattr(grpo, "GRPOConfig", small_rl(grpo.GRPOConfig))
     cfg = distill.DistillConfig(teacher=str(tmp_path / "t" / "ckpt.pt"), out=str(tmp_path / "d"), seeds=2,
                                 student_steps=3, trace_prompts=8, trace_samples=2, trace_temperature=1.0,
