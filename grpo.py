@@ -105,7 +105,8 @@ class GRPOConfig:
     out: str = "out/grpo"         # output folder: ckpt.pt, metrics.jsonl, summary.json, grpo.png
     overwrite: bool = False       # replace an earlier run's files in --out (else it refuses)
     device: str = "auto"          # auto | cpu | cuda | mps
-    threads: int = 1              # CPU threads; 1 is fastest for these tiny matmuls
+    threads: int = 0              # CPU threads (0: torch's default, all cores)
+    compile: bool = False         # torch.compile the decode step of rollouts (once, ~15 s)
     seed: int = 0                 # seeds the rollouts and the training prompts
 
     def validate(self) -> None:
@@ -479,6 +480,8 @@ def rl_train(model: train.Transformer, enc, cfg: GRPOConfig, out_dir: str | None
     model's evaluate_policy figures (cfg.n, cfg.pass_k, cfg.seed) if already measured."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
+    if cfg.compile:
+        model.compile_decode()
     width = base_cfg.train.max_digits
     world = base_cfg.train.world
     device = next(model.parameters()).device

@@ -28,7 +28,9 @@ Only c_kv and k_R are cached: kv_lora_rank + d_R = 512 + 64 = 576 numbers per to
 Absorption. Because W_UK sits between the query and the cached latent with nothing in between,
     q_C,i . (W_UK,i c_kv) = (W_UK,i^T q_C,i) . c_kv      and      o_i = W_UV,i (sum_t p_t c_kv,t),
 so decoding can attend over the latent cache directly, never materialising per-head K or V: two
-einsums over the cache (scores, then weighted latents) plus two tiny per-head projections.
+products over the cache (scores, then weighted latents) plus two tiny per-head projections. Over
+the cache this is multi-query attention: every head's folded query meets ONE shared key per token,
+[c_kv | k_pe] (576 numbers in V3), and one shared value, c_kv (512).
 This only works because RoPE is *decoupled*: had we rotated k_C = R_t W_UK c_kv, the product
 q^T R_s^T R_t W_UK = q^T R_(t-s) W_UK would depend on the position pair and could not be folded
 into the query once (the notebook shows the algebra failing numerically). So RoPE gets its own small
@@ -45,8 +47,9 @@ wo; interleaved-pair RoPE as its complex multiplication). Not included: YaRN con
 (the official mscale/rope_factor), tensor parallelism, FP8 weights.
 
 demo() measures (1) the cache table for MHA/GQA/MQA/MLA at V3's real sizes and at our tiny sizes,
-(2) max |naive - absorbed| over a prefill plus 64 cached decode steps, (3) decode time per token,
-naive vs absorbed, at contexts 256..4096 on CPU with batch 1.
+(2) max |naive - absorbed| over a prefill plus 64 cached decode steps, (3) decode time per token at
+contexts 256..4096 on CPU with batch 1: absorbed, the official naive cache (full per-head K/V,
+official_naive_decode) and re-expanding the latent every step (mode="naive" with a cache).
 """
 from __future__ import annotations
 
@@ -218,17 +221,8 @@ class MLA(nn.Module):
         B, T = self._check(x, start_pos, cache, mode)
         mode = mode or (cfg.attn_impl if cache is not None else "naive")
         end = start_pos + T
-        cos = self.cos[start_pos:end]
-        sin = self.sin[start_pos:end]
-        # 1. Queries: content part q_nope and rotary part q_pe of every head.
-        q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, T, cfg.n_heads, self.qk_head_dim)        # [B, T, H, dn + dr]
-        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, cos, sin)
-        # 2. The latent and the one shared rope key: all that is cached.
-        c_kv, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        c_kv = self.kv_norm(c_kv)                              # [B, T, kv_lora_rank]
-        k_pe = apply_rotary_emb(k_pe, cos, sin)                # [B, T, dr], one key for all heads
+        # 1-2. Queries, the latent and the shared rope key of x's tokens.
+        q_nope, q_pe, c_kv, k_pe = self.project(x, start_pos)
         # 3. Write them into the cache and attend over everything cached so far.
         if cache is not None:
             cache.c_kv[:B, start_pos:end] = c_kv
@@ -247,6 +241,24 @@ class MLA(nn.Module):
         o = attend(q_nope, q_pe, c_kv, k_pe, mask)            # [B, T, H, dv]
         return self.wo(o.flatten(2))
 
+    def project(self, x: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, ...]:
+        """x [B, T, dim] at positions start_pos.. -> q_nope [B, T, H, dn], q_pe [B, T, H, dr]
+        (rotated), c_kv [B, T, kv_lora_rank] (normalised) and k_pe [B, T, dr] (rotated)."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        cos = self.cos[start_pos:start_pos + T]
+        sin = self.sin[start_pos:start_pos + T]
+        # 1. Queries: content part q_nope and rotary part q_pe of every head.
+        q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, cfg.n_heads, self.qk_head_dim)        # [B, T, H, dn + dr]
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, cos, sin)
+        # 2. The latent and the one shared rope key: all that is cached.
+        c_kv, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_norm(c_kv)                              # [B, T, kv_lora_rank]
+        k_pe = apply_rotary_emb(k_pe, cos, sin)                # [B, T, dr], one key for all heads
+        return q_nope, q_pe, c_kv, k_pe
+
     def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Materialise per-head K = [k_nope | k_pe] and V from the latent; SDPA.
 
@@ -261,12 +273,16 @@ class MLA(nn.Module):
         k_pe = k_pe[:, :, None].expand(-1, -1, H, -1)          # [B, Tk, H, dr]
         k = torch.cat([k_nope, k_pe], dim=-1)                  # [B, Tk, H, dn + dr]
         q = torch.cat([q_nope, q_pe], dim=-1)                  # [B, T, H, dn + dr]
+        # PyTorch's fused (flash) kernels want one head width for q, k and v; with dv < dn + dr
+        # SDPA falls back to its unfused math path (2x slower on a CPU here). Zero columns of v
+        # give zero columns of the output, dropped after.
+        v = F.pad(v, (0, max(self.qk_head_dim - cfg.v_head_dim, 0)))
         # A square mask is plain causal: let SDPA use its own causal kernel.
         causal = mask is not None and mask.size(0) == Tk
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # [B, H, T|Tk, .]
             attn_mask=None if causal else mask, is_causal=causal, scale=self.softmax_scale)
-        return o.transpose(1, 2)                               # [B, T, H, dv]
+        return o.transpose(1, 2)[..., :cfg.v_head_dim]         # [B, T, H, dv]
 
     def _attend_absorb(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend over the latent directly: W_UK folded into q, W_UV applied after.
@@ -278,14 +294,17 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(cfg.n_heads, -1, cfg.kv_lora_rank)  # [H, dn + dv, c], a view
         w_uk = wkv_b[:, :cfg.qk_nope_head_dim]                              # [H, dn, c]
         w_uv = wkv_b[:, cfg.qk_nope_head_dim:]                              # [H, dv, c]
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk) * self.softmax_scale  # [B, T, H, c]
-        scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv)                     # [B, T, H, Tk]
-        scores = scores + torch.einsum("bshr,btr->bsht", q_pe * self.softmax_scale, k_pe)
+        B, T, H, _ = q_nope.shape
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)                # [B, T, H, c]
+        # Over the cache this is multi-query attention: all T*H queries (rows) meet ONE shared key
+        # per token, [c_kv | k_pe], and one shared value, c_kv; a batched matmul each.
+        scores = q_lat.flatten(1, 2) @ c_kv.mT + q_pe.flatten(1, 2) @ k_pe.mT    # [B, T*H, Tk]
+        scores = scores.view(B, T, H, -1) * self.softmax_scale                  # [B, T, H, Tk]
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         p = scores.softmax(dim=-1, dtype=torch.float32).type_as(q_lat)
-        o_lat = torch.einsum("bsht,btc->bshc", p, c_kv)       # [B, T, H, c]
-        return torch.einsum("bshc,hdc->bshd", o_lat, w_uv)     # [B, T, H, dv]
+        o_lat = (p.flatten(1, 2) @ c_kv).view(B, T, H, -1)                   # [B, T, H, c]
+        return torch.einsum("bshc,hdc->bshd", o_lat, w_uv)                  # [B, T, H, dv]
         ### END SOLUTION
 
     def _check(self, x, start_pos, cache, mode) -> tuple[int, int]:
@@ -341,18 +360,47 @@ CACHE_KINDS = ("mha", "gqa", "mqa", "mla", "naive")
 DECODE_CONTEXTS = (256, 512, 1024, 2048, 4096)
 
 
-def _decode_ms(mla: MLA, cache: MLACache, ctx: int, reps: int) -> dict[str, float]:
-    """Median ms to decode one token at position ctx (attending over ctx+1 cached tokens), per mode.
+def official_naive_decode(mla: MLA, x: torch.Tensor, start_pos: int, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor) -> torch.Tensor:
+    """The official code's attn_impl="naive" decode: every head's full key [dn + d_R] and value
+    [dv] are cached (n_h (dn + d_R + dv) numbers per token per layer: 40,960 at V3's sizes, 71x
+    MLA's 576); the new tokens' K/V are expanded once, written, and attended with SDPA.
+    Args: x [B, T, dim]; k_cache [B, L, H, dn + dr], v_cache [B, L, H, dv]. Returns [B, T, dim]."""
+    cfg = mla.cfg
+    B, T, _ = x.shape
+    end = start_pos + T
+    q_nope, q_pe, c_kv, k_pe = mla.project(x, start_pos)
+    kv = mla.wkv_b(c_kv).view(B, T, cfg.n_heads, -1)
+    k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+    k_cache[:B, start_pos:end] = torch.cat([k_nope, k_pe[:, :, None].expand_as(q_pe)], dim=-1)
+    v_cache[:B, start_pos:end] = v
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)              # [B, H, T, dn + dr]
+    k = k_cache[:B, :end].transpose(1, 2)
+    v = v_cache[:B, :end].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and start_pos == 0,
+                                       scale=mla.softmax_scale)
+    return mla.wo(o.transpose(1, 2).flatten(2))
 
-    The modes alternate within each repeat so that machine noise hits both alike; one warm-up each.
+
+DECODE_MODES = ("absorb", "official", "naive")
+
+
+def _decode_ms(mla: MLA, cache: MLACache, kv: tuple, ctx: int, reps: int) -> dict[str, float]:
+    """Median ms to decode one token at position ctx (attending over ctx+1 cached tokens), per
+    mode: absorbed over the latent, the official naive K/V cache, and re-expanding the latent.
+
+    The modes alternate within each repeat so that machine noise hits all alike; one warm-up each.
     Each call rewrites cache position ctx with the same values, so repeats are identical.
     """
     x = torch.randn(1, 1, mla.cfg.dim)
-    times = {m: [] for m in IMPLS}
+    calls = {"absorb": lambda: mla(x, start_pos=ctx, cache=cache, mode="absorb"),
+             "official": lambda: official_naive_decode(mla, x, ctx, *kv),
+             "naive": lambda: mla(x, start_pos=ctx, cache=cache, mode="naive")}
+    times = {m: [] for m in DECODE_MODES}
     for r in range(reps + 1):
-        for m in IMPLS:
+        for m in DECODE_MODES:
             t0 = time.perf_counter()
-            mla(x, start_pos=ctx, cache=cache, mode=m)
+            calls[m]()
             if r:
                 times[m].append((time.perf_counter() - t0) * 1e3)
     return {m: statistics.median(v) for m, v in times.items()}
@@ -394,15 +442,25 @@ def demo(small: bool = False, seed: int = 0) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        mla = MLA(replace(tiny, max_seq_len=DECODE_CONTEXTS[-1] + 1)).eval()
+        L = DECODE_CONTEXTS[-1] + 1
+        mla = MLA(replace(tiny, max_seq_len=L)).eval()
         cache = mla.new_cache(1)
-        # Fill the whole cache once; each timed call then decodes at one position of it.
-        mla(torch.randn(1, DECODE_CONTEXTS[-1] + 1, tiny.dim), 0, cache, mode="naive")
+        kv = (torch.zeros(1, L, tiny.n_heads, mla.qk_head_dim),
+              torch.zeros(1, L, tiny.n_heads, tiny.v_head_dim))
+        # Fill both caches once; each timed call then decodes at one position of them.
+        prompt = torch.randn(1, L, tiny.dim)
+        mla(prompt, 0, cache, mode="naive")
+        official_naive_decode(mla, prompt, 0, *kv)
         for ctx in DECODE_CONTEXTS:
-            ms = _decode_ms(mla, cache, ctx, reps=10 if small else 50)
-            out[f"decode_ms_naive_{ctx}"] = ms["naive"]
-            out[f"decode_ms_absorb_{ctx}"] = ms["absorb"]
+            ms = _decode_ms(mla, cache, kv, ctx, reps=10 if small else 50)
+            for m in DECODE_MODES:
+                out[f"decode_ms_{m}_{ctx}"] = ms[m]
             out[f"decode_speedup_{ctx}"] = ms["naive"] / ms["absorb"]
+            out[f"decode_speedup_vs_official_{ctx}"] = ms["official"] / ms["absorb"]
+        # the official naive cache's bytes per token per layer at our sizes, float32
+        out["cache_bytes_fp32_official_tiny"] = 4 * tiny.n_heads * (mla.qk_head_dim
+                                                                    + tiny.v_head_dim)
+        out["cache_bytes_fp32_mla_tiny"] = 4 * (tiny.kv_lora_rank + tiny.qk_rope_head_dim)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -419,10 +477,15 @@ def _print_table(res: dict) -> None:
     print(f"max |naive - absorbed| over prefill + {res['decode_steps']} decode steps: "
           f"{res['max_abs_diff_naive_absorb']:.2e} (cached vs full: "
           f"{res['max_abs_diff_cached_vs_full']:.2e})")
-    print("decode ms/token (batch 1, CPU, 1 thread)   naive   absorb   speedup")
+    print("decode ms/token (batch 1, CPU, 1 thread)   absorb  official  re-expand   "
+          "official/absorb  re-expand/absorb")
     for ctx in DECODE_CONTEXTS:
-        print(f"  context {ctx:<32}{res[f'decode_ms_naive_{ctx}']:>7.3f}"
-              f"{res[f'decode_ms_absorb_{ctx}']:>9.3f}{res[f'decode_speedup_{ctx}']:>9.1f}x")
+        print(f"  context {ctx:<32}{res[f'decode_ms_absorb_{ctx}']:>7.3f}"
+              f"{res[f'decode_ms_official_{ctx}']:>10.3f}{res[f'decode_ms_naive_{ctx}']:>11.3f}"
+              f"{res[f'decode_speedup_vs_official_{ctx}']:>17.2f}x"
+              f"{res[f'decode_speedup_{ctx}']:>17.1f}x")
+    print(f"  cache bytes per token per layer (fp32): official "
+          f"{res['cache_bytes_fp32_official_tiny']}, MLA latent {res['cache_bytes_fp32_mla_tiny']}")
 
 
 if __name__ == "__main__":

@@ -15,20 +15,20 @@ work it all but stops at its draft: RL (grpo.py) must find that working on pays.
 
 The file, in reading order (sections fenced with `# ---- name`):
     config          ModelArgs, TrainConfig, Config; tiny_config and student_config
-    the model       Block, Transformer (forward, generate), sample_next
+    the model       Block, Transformer (forward, decode_step, generate), sample_next
     tokenizer       byte-level BPE learned from the world, digits always single tokens
     the world       the addition problems, their renderings, World (the training stream)
     --data FILE     TextData: any UTF-8 text instead of the world
     evaluation      generate_ids/texts, the one answer judge (parse_answer), evaluate
     checkpoints     atomic save, weights_only load
     training        setup, train_step, evaluate_and_save, train
-    benchmark       interleaved_median, a dense GPT baseline, bench
+    benchmark       interleaved_median, a dense GPT, matmul roof and FLOPs, bench
     interop         Transformer.from_hf / to_hf, export_hf (Hugging Face DeepseekV3 + tokenizer)
     command line    flags generated from the config dataclasses
 
     python train.py                      # pretrain (minutes on a laptop CPU), writes out/pretrain/
     python train.py --sample "123+456="  # complete prompts with the checkpoint
-    python train.py --bench              # tokens/s vs a dense GPT of equal active size
+    python train.py --bench              # speed vs transformers, a dense GPT, the machine
     python train.py --student            # distill.py's smaller dense student (no MoE, no MTP)
     python train.py --tiny               # a model of a few thousand parameters (tests, notebooks)
     python train.py --export-hf DIR      # a folder transformers' from_pretrained loads
@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp8 import swap_to_fp8
-from mla import MLA, MLAConfig
+from mla import MLA, MLACache, MLAConfig
 from moe import MLP, MoE, MoEConfig, moe_aux_loss, param_counts, update_gate_biases
 from mtp import MTPConfig, MTPModule, mtp_loss
 
@@ -126,7 +126,7 @@ class TrainConfig:
     resume: bool = False          # continue from <out>/ckpt.pt
     overwrite: bool = False       # a fresh run replaces an earlier run's files in --out
     sample: str = ""              # complete this prompt with <out>/ckpt.pt and exit
-    bench: bool = False           # print training tokens/s vs a dense GPT and exit
+    bench: bool = False           # print speed vs transformers, a dense GPT and the roof; exit
     export_hf: str = ""           # write a Hugging Face folder to this path from --ckpt and exit
     ckpt: str = ""                # the checkpoint --export-hf reads ('': <out>/ckpt.pt)
     fp8: bool = False             # Linears in block-scaled FP8 (V3 §3.3)
@@ -211,12 +211,41 @@ class Transformer(nn.Module):
         mtp = [MTPModule(args.dim, Block(args.n_layers, args), self.embed, self.head, args.norm_eps)
                for _ in range(args.mtp.n_mtp_depth)]
         self.mtp = nn.ModuleList(mtp)
+        # set by compile_decode(); generate() then uses it instead of decode_step
+        self.compiled_decode = None
         # PyTorch's default init (scaled by fan-in) on purpose: a fixed std of 0.02 (nanoGPT, tuned
         # at width 768) shrinks every signal at width 128, and the model then stalls for hundreds
         # of steps.
 
     def new_cache(self, batch_size: int, max_len: int) -> list:
         return [layer.new_cache(batch_size, max_len) for layer in self.layers]
+
+    @torch.no_grad()
+    def decode_step(self, tokens, start_pos: int, cache: list):
+        """One cached step of generation: tokens [B, T] at positions start_pos.. against the
+        latent cache (absorbed attention) -> the last position's logits [B, V], float32."""
+        h = self.forward_hidden(tokens, start_pos, cache, mode="absorb")
+        return self.logits(h[:, -1]).float()
+
+    def compile_decode(self) -> bool:
+        """Make generate() use a torch.compile'd decode_step: at batch 1 most of a step's time is
+        Python and per-op overhead, which compiling fuses away. One compilation (dynamic shapes)
+        serves every position and batch; it takes ~10-20 s on a CPU, so it pays in long runs,
+        not in tests. Falls back to eager (returns False, says why) if compiling fails."""
+        compiled = torch.compile(self.decode_step, dynamic=True)
+        try:
+            # warm up as generate() calls it (inference mode, its tensors), at batch 2 and
+            # position 2: torch specialises sizes 0 and 1, and would compile again for others
+            with torch.inference_mode():
+                tokens = torch.zeros(2, 1, dtype=torch.long, device=self.head.weight.device)
+                compiled(tokens, 2, self.new_cache(2, 5))
+        except Exception as e:
+            # no C++ compiler, an op inductor cannot lower, ...: generation still works, eagerly
+            note(f"compile_decode: torch.compile failed ({type(e).__name__}: {e}); decoding "
+                 f"eagerly")
+            return False
+        self.compiled_decode = compiled
+        return True
 
     def forward_hidden(self, tokens, start_pos: int = 0, cache=None, mode: str | None = None):
         """tokens [B, T] -> hidden states [B, T, dim] before the final norm."""
@@ -256,26 +285,46 @@ class Transformer(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_seq_len ({self.args.max_seq_len}): shorten the prompt or "
                              f"generate fewer")
+        if max_new_tokens <= 0:
+            return tokens
         stop = torch.tensor(self.args.stop_ids, dtype=torch.long, device=tokens.device)
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
-        out = tokens
+        out = tokens.new_full((B, T + max_new_tokens), self.args.pad_id)
+        out[:, :T] = tokens
+        # the rows of `out` still in the batch being decoded (and in the cache), and which of
+        # them have finished
+        live = torch.arange(B, device=tokens.device)
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        step = self.compiled_decode or self.decode_step
         # 1. prefill: the whole prompt at once (fills the latent cache)
-        h = self.forward_hidden(tokens, 0, cache, mode="absorb" if use_cache else "naive")
-        for _ in range(max_new_tokens):
+        if use_cache:
+            logits = self.decode_step(tokens, 0, cache)
+        else:
+            logits = self.logits(self.forward_hidden(tokens, mode="naive")[:, -1]).float()
+        for n in range(T, T + max_new_tokens):
             # 2. sample the next token of every row; finished rows get padding
-            nxt = sample_next(self.logits(h[:, -1]).float(), temperature, top_k, generator)
+            nxt = sample_next(logits, temperature, top_k, generator)
             nxt = nxt.masked_fill(done, self.args.pad_id)
-            out = torch.cat([out, nxt[:, None]], dim=1)
+            out[live, n] = nxt
             done |= torch.isin(nxt, stop)
-            if done.all() or out.shape[1] == T + max_new_tokens:
+            if done.all() or n + 1 == T + max_new_tokens:
                 break
-            # 3. decode one position: the new token against the cache (or everything again)
+            # 3. once a quarter of the batch has finished, drop those rows and their cache: each
+            # would cost a full row per step to generate padding (rollouts' lengths vary a lot).
+            # At least 2 rows stay: a compiled decode step would compile again for batch 1.
+            n_done = int(done.sum())
+            if 4 * n_done >= len(live) and len(live) - n_done >= 2:
+                keep = ~done
+                live, nxt, done = live[keep], nxt[keep], done[keep]
+                if use_cache:
+                    cache = [MLACache(c.c_kv[keep], c.k_pe[keep]) for c in cache]
+            # 4. decode one position: the new token against the cache (or everything again)
             if use_cache:
-                h = self.forward_hidden(nxt[:, None], out.shape[1] - 1, cache, mode="absorb")
+                logits = step(nxt[:, None], n, cache)
             else:
-                h = self.forward_hidden(out, mode="naive")
-        return out
+                h = self.forward_hidden(out[live, :n + 1], mode="naive")
+                logits = self.logits(h[:, -1]).float()
+        return out[:, :n + 1]
 
 
 def sample_next(logits, temperature: float, top_k: int | None, generator=None):
@@ -286,7 +335,12 @@ def sample_next(logits, temperature: float, top_k: int | None, generator=None):
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform u per row in (0, total], the first token whose cumulative
+    # probability reaches u. The same distribution as torch.multinomial, ~15x faster on a CPU
+    # (which draws an exponential per token); a token of probability 0 is never picked.
+    cdf = logits.softmax(-1).cumsum(-1)                                      # [B, V]
+    u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+    return (cdf < u * cdf[:, -1:]).sum(-1)
 
 
 # ---- tokenizer
@@ -1314,13 +1368,126 @@ class GPTBlock(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-def bench(cfg: Config, repeats: int = 10) -> dict:
-    """Training tokens/s (forward + backward) of our model vs a dense GPT of the same width and
-    depth whose FFN is sized so its parameter count equals our ACTIVE parameter count."""
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's attainable fp32 FLOP/s, the roof our figures are measured against: the
+    fastest of `repeats` n x n matrix products (2 n^3 FLOPs each) at torch's thread setting."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+
+    def product():
+        a @ b
+
+    return 2 * n ** 3 / min(interleaved_median({"mm": product}, repeats, 1)["mm"] for _ in "ab")
+
+
+def train_flops_per_token(model: Transformer, seq_len: int) -> float:
+    """FLOPs of one training token (forward + backward = 3 x forward): 6 per active weight used
+    in a matmul (the input embedding is a lookup; each MTP module runs the head again) plus
+    causal attention over seq_len / 2 keys on average in every block (scores and values)."""
+    a = model.args
+    _, active = param_counts(model)
+    depth = len(model.mtp)
+    matmul_weights = active - a.vocab_size * a.dim + depth * a.vocab_size * a.dim
+    m = a.mla
+    per_key = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+    attention = 2 * (a.n_layers + depth) * (seq_len + 1) / 2 * per_key
+    return 3 * (2 * matmul_weights + attention)
+
+
+def decode_flops_per_token(model: Transformer, context: int) -> float:
+    """FLOPs of one absorbed decode step at this context (main model only, MTP unused): 2 per
+    active weight in a matmul, plus per layer and head the scores over [c_kv | k_pe] and the
+    weighted latents (2 c + d_R per key)."""
+    a = model.args
+    _, active = param_counts(model)
+    mtp = sum(p.numel() for p in model.mtp.parameters()) if len(model.mtp) else 0
+    m = a.mla
+    per_key = m.n_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
+    return 2 * (active - mtp - a.vocab_size * a.dim) + 2 * a.n_layers * context * per_key
+
+
+def ours_decode_step(model: Transformer, batch: int, context: int, n_steps: int):
+    """A zero-argument call that greedily decodes n_steps tokens in batch rows after a prompt of
+    `context` tokens (prefilled once, in one row, and copied to every row), and the cache's bytes
+    at that context. Each call starts again at `context`: entries after it are overwritten."""
+    cache = model.new_cache(batch, context + n_steps)
+    with torch.inference_mode():
+        one = model.new_cache(1, context)
+        model.forward_hidden(torch.zeros(1, context, dtype=torch.long), 0, one, mode="naive")
+        for layer, prefilled in zip(cache, one):
+            layer.c_kv[:, :context] = prefilled.c_kv
+            layer.k_pe[:, :context] = prefilled.k_pe
+    first = torch.zeros(batch, 1, dtype=torch.long)
+
+    @torch.inference_mode()
+    def step():
+        decode = model.compiled_decode or model.decode_step
+        tok = first
+        for pos in range(context, context + n_steps):
+            tok = decode(tok, pos, cache).argmax(-1, keepdim=True)
+
+    nbytes = sum(t[:, :context].nbytes for layer in cache for t in (layer.c_kv, layer.k_pe))
+    return step, nbytes
+
+
+def hf_decode_step(hf: nn.Module, batch: int, context: int, n_steps: int):
+    """The same for transformers' DeepseekV3ForCausalLM and its default DynamicCache (what
+    generate() uses): the same prompt prefilled once and repeated over the batch, cropped back to
+    `context` after each call. transformers 5 caches MLA's latent and re-expands per-head K and V at
+    every step; 4.x cached the per-head K and V (the official naive cache)."""
+    kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        prompt = torch.zeros(1, context, dtype=torch.long)
+        cache = getattr(hf(input_ids=prompt, use_cache=True), kw)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+    if hasattr(cache, "layers"):
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    else:
+        tensors = list(cache.key_cache) + list(cache.value_cache)
+    first = torch.zeros(batch, 1, dtype=torch.long)
+
+    @torch.inference_mode()
+    def step():
+        tok = first
+        for _ in range(n_steps):
+            logits = hf(input_ids=tok, use_cache=True, **{kw: cache}).logits
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+        # back to `context` (a negative count removes that many tokens, in 4.x and 5.x alike)
+        cache.crop(-n_steps)
+
+    return step, sum(t.nbytes for t in tensors)
+
+
+BENCH_CONTEXTS = (256, 1024, 4096)
+
+
+def note(msg: str) -> None:
+    """Progress on stderr: stdout carries only the result (the benchmark's JSON)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench(cfg: Config, repeats: int = 5, contexts: tuple = BENCH_CONTEXTS,
+          compile: bool = True) -> dict:
+    """Speed, in one run so that ratios are fair on a shared machine (stderr says what it is
+    doing). Training tokens/s (forward + backward) of our model, of transformers'
+    DeepseekV3ForCausalLM on the same weights (next-token loss only: HF has no MTP, so ours is
+    timed both ways), and of a dense GPT whose FFN makes its parameters equal our ACTIVE count;
+    greedy decode tokens/s at batch 1 and 128, contexts BENCH_CONTEXTS, each with its own cache
+    (ours the MLA latent, HF's the per-head K/V); batch-128 rollouts at T = 1; the machine's
+    matmul FLOP/s and the model-FLOPs utilisation (MFU) of training and batch-1 decode.
+    contexts must include 1024 (the contract's decode keys); compile: also time compile_decode."""
+    if 1024 not in contexts:
+        raise ValueError(f"bench: contexts must include 1024, got {contexts}")
     tc = cfg.train
     m = cfg.model
     enc, _, world = make_tokenizer_and_world(tc, 16)
-    ours = build_model(cfg, enc, "cpu")
+    # longer RoPE tables for the decode contexts (the weights do not depend on max_seq_len)
+    n_decode = 16
+    big = dataclasses.replace(cfg, model=dataclasses.replace(
+        m, max_seq_len=max(m.max_seq_len, max(contexts) + n_decode)))
+    ours = build_model(big, enc, "cpu")
+    m = ours.args
     _, active = param_counts(ours)
     # non-embedding parameters per layer; attention 4 dim^2, SwiGLU 3 dim inter
     per_layer = (active - 2 * m.vocab_size * m.dim) / m.n_layers
@@ -1328,6 +1495,11 @@ def bench(cfg: Config, repeats: int = 10) -> dict:
     blocks = [GPTBlock(m.dim, m.mla.n_heads, inter) for _ in range(m.n_layers)]
     dense = nn.Sequential(nn.Embedding(m.vocab_size, m.dim), *blocks, nn.RMSNorm(m.dim),
                           nn.Linear(m.dim, m.vocab_size, bias=False))
+    try:
+        hf = ours.to_hf().train()
+    except SystemExit as e:
+        note(f"bench: no transformers column ({e})")
+        hf = None
     batch = world.batch(range(tc.batch_size))
     x = batch[:, :-1]
     y = batch[:, 1:]
@@ -1335,15 +1507,92 @@ def bench(cfg: Config, repeats: int = 10) -> dict:
     def step_ours():
         ours(x, y)[0].backward()
 
+    def step_ours_lm():
+        F.cross_entropy(ours(x).flatten(0, 1), y.flatten()).backward()
+
     def step_dense():
         F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).backward()
 
-    med = interleaved_median({"ours": step_ours, "dense": step_dense}, repeats, warmup=2)
-    return {"tokens_per_s_ours": x.numel() / med["ours"],
-            "tokens_per_s_dense": x.numel() / med["dense"],
-            "params_active_ours": active,
-            "params_dense": sum(p.numel() for p in dense.parameters()),
-            "slowdown_vs_dense": med["ours"] / med["dense"]}
+    def step_hf():
+        F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1), y.flatten()).backward()
+
+    steps = {"ours": step_ours, "ours_lm": step_ours_lm, "dense": step_dense}
+    if hf is not None:
+        steps["hf"] = step_hf
+    note(f"bench: training steps of {x.numel()} tokens, {repeats} repeats each, interleaved")
+    med = interleaved_median(steps, repeats, warmup=2)
+    tps = {name: x.numel() / s for name, s in med.items()}
+    out = {"tokens_per_s_ours": tps["ours"], "tokens_per_s_dense": tps["dense"],
+           "params_active_ours": active,
+           "params_dense": sum(p.numel() for p in dense.parameters()),
+           "slowdown_vs_dense": med["ours"] / med["dense"],
+           "tokens_per_s_ours_lm": tps["ours_lm"], "tokens_per_s_hf": tps.get("hf")}
+    if hf is not None:
+        out["speedup_vs_hf_train"] = tps["ours_lm"] / tps["hf"]
+    ours.eval()
+    if hf is not None:
+        hf.eval()
+    # decode: batch 1 and 128 at each context; ours vs HF, interleaved per row
+    rows = []
+    for b, n_steps in ((1, n_decode), (128, 4)):
+        for ctx in contexts:
+            note(f"bench: greedy decode, batch {b}, context {ctx}")
+            fn, nbytes = ours_decode_step(ours, b, ctx, n_steps)
+            fns = {"ours": fn}
+            row = {"batch": b, "context": ctx, "cache_bytes_ours": nbytes}
+            if hf is not None:
+                fns["hf"], row["cache_bytes_hf"] = hf_decode_step(hf, b, ctx, n_steps)
+            sec = interleaved_median(fns, 3 if b == 1 else 1, warmup=1)
+            row.update({f"tokens_per_s_{k}": b * n_steps / s for k, s in sec.items()})
+            rows.append(row)
+    out["decode"] = rows
+    at_1024 = next(r for r in rows if r["batch"] == 1 and r["context"] == 1024)
+    out["decode_tokens_per_s_ours_b1"] = at_1024["tokens_per_s_ours"]
+    out["decode_tokens_per_s_hf_b1"] = at_1024.get("tokens_per_s_hf")
+    if hf is not None:
+        out["speedup_vs_hf_decode_b1"] = at_1024["tokens_per_s_ours"] / at_1024["tokens_per_s_hf"]
+    # KV-cache bytes per token per layer (float32), from the caches' own tensors
+    per = contexts[-1] * m.n_layers
+    last = rows[len(contexts) - 1]
+    out["cache_bytes_per_token_layer_ours"] = last["cache_bytes_ours"] / per
+    if hf is not None:
+        out["cache_bytes_per_token_layer_hf"] = last["cache_bytes_hf"] / per
+    # rollouts: what grpo.py does, 128 rows sampled at T = 1 (no stop token: every row runs on)
+    note("bench: batch-128 rollouts at T = 1")
+    ours.args.stop_ids = ()
+    prompts = batch[:128, :32]
+    prompts = prompts.repeat(-(-128 // len(prompts)), 1)[:128]
+    n_new = 128
+    g = torch.Generator().manual_seed(0)
+
+    def rollout():
+        ours.generate(prompts, n_new, temperature=1.0, generator=g)
+
+    sec = interleaved_median({"rollout": rollout}, 1, warmup=1)["rollout"]
+    out["rollout_tokens_per_s_ours_b128"] = 128 * n_new / sec
+    # the same two with the decode step compiled (compile_decode; eager is the default)
+    if compile:
+        note("bench: compiling the decode step (torch.compile, dynamic shapes)")
+    t0 = time.perf_counter()
+    if compile and ours.compile_decode():
+        out["compile_s"] = time.perf_counter() - t0
+        fn, _ = ours_decode_step(ours, 1, 1024, n_decode)
+        # batch 1 is compiled separately (torch specialises size 1): warm-up twice
+        sec = interleaved_median({"b1": fn}, 3, warmup=2)["b1"]
+        out["decode_tokens_per_s_ours_b1_compiled"] = n_decode / sec
+        sec = interleaved_median({"rollout": rollout}, 1, warmup=1)["rollout"]
+        out["rollout_tokens_per_s_ours_b128_compiled"] = 128 * n_new / sec
+        ours.compiled_decode = None
+    # the machine's limit: MFU of training, and how far batch-1 decode is from arithmetic
+    note("bench: this machine's matmul FLOP/s")
+    flops = matmul_flops()
+    out["attainable_flops"] = flops
+    out["mfu_train"] = train_flops_per_token(ours, x.size(1)) * tps["ours"] / flops
+    decode_flops = decode_flops_per_token(ours, 1024)
+    out["decode_limit_tokens_per_s_b1"] = flops / decode_flops
+    out["mfu_decode_b1"] = decode_flops * out["decode_tokens_per_s_ours_b1"] / flops
+    out["threads"] = torch.get_num_threads()
+    return out
 
 
 # ---- Hugging Face interop

@@ -348,3 +348,17 @@ def test_steps_to_90_is_the_first_evaluation_at_0_9(tiny, monkeypatch):
     accuracies = iter([0.1, 0.5, 0.6, 0.7])
     assert grpo.rl_train(train.Transformer(model.args), enc, gcfg, None, cfg,
                          verbose=False)["steps_to_90"] is None
+
+
+def test_compile_flag_compiles_the_rollouts_decode_step(tiny, monkeypatch):
+    # --compile makes rl_train call compile_decode once before the first rollout (the compiled
+    # step's equality with eager decoding is tested in test_train)
+    cfg, enc, model = tiny
+    calls = []
+    monkeypatch.setattr(train.Transformer, "compile_decode", lambda self: calls.append(self))
+    assert grpo.parse_config(["--compile"]).compile and not grpo.GRPOConfig().compile
+    policy = train.Transformer(model.args)
+    gcfg = grpo.GRPOConfig(steps=1, n_prompts=2, group_size=2, n=4, pass_k=1, bench_prompts=0,
+                           compile=True)
+    grpo.rl_train(policy, enc, gcfg, None, cfg, verbose=False)
+    assert calls == [policy]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mla import (DEEPSEEK_V3, MLA, MLACache, MLAConfig, apply_rotary_emb, demo, kv_cache_elements,
-                 precompute_freqs_cis)
+                 official_naive_decode, precompute_freqs_cis)
 
 ATOL = RTOL = 1e-5
 # Plain wq (V2-Lite) and the wq_a -> q_norm -> wq_b path (V3).
@@ -59,6 +59,21 @@ def test_absorbed_decode_equals_naive(q_lora_rank):
     for a, b in zip(outs["naive"], outs["absorb"]):
         close(a, b)
     close(caches["naive"].c_kv, caches["absorb"].c_kv)
+
+
+@pytest.mark.parametrize("q_lora_rank", Q_LORA)
+def test_official_naive_cache_decode_equals_absorbed(q_lora_rank):
+    # the demo's fair baseline: full per-head K/V cached, as the official attn_impl="naive"
+    mla = make(q_lora_rank)
+    cfg = mla.cfg
+    x = torch.randn(2, 20, 32)
+    k_cache = torch.zeros(2, 64, cfg.n_heads, mla.qk_head_dim)
+    v_cache = torch.zeros(2, 64, cfg.n_heads, cfg.v_head_dim)
+    cache = mla.new_cache(2)
+    close(official_naive_decode(mla, x[:, :7], 0, k_cache, v_cache), mla(x[:, :7], 0, cache))
+    for p in range(7, 20):
+        official = official_naive_decode(mla, x[:, p:p + 1], p, k_cache, v_cache)
+        close(official, mla(x[:, p:p + 1], p, cache, mode="absorb"))
 
 
 @pytest.mark.parametrize("mode", ["naive", "absorb"])

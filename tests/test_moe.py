@@ -361,3 +361,32 @@ def test_cuda_bf16_autocast_matches_float32_reference():
         y = m(x)
     # bf16 keeps ~3 significant digits
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_few_token_decode_path_equals_the_sorted_dispatch(monkeypatch):
+    # all_experts (every expert on every token, gated; used without autograd for <= FEW_TOKENS
+    # tokens) must give the dispatch's output, loads and no balance loss.
+    calls = []
+    real = moe.all_experts
+
+    def spy(*args):
+        calls.append(args[0].size(0))
+        return real(*args)
+
+    monkeypatch.setattr(moe, "all_experts", spy)
+    torch.manual_seed(0)
+    m = MoE(tiny()).double().eval()
+    for n in (1, 5, moe.FEW_TOKENS):
+        x = torch.randn(1, n, 16, dtype=torch.float64)
+        slow = m(x).detach()
+        slow_load = m.last_load.clone()
+        assert m.aux_loss.item() > 0, "with autograd the sequence-wise loss is computed"
+        with torch.no_grad():
+            fast = m(x)
+        assert calls[-1] == n, "without autograd a few tokens take the all-experts path"
+        torch.testing.assert_close(fast, slow, **F64)
+        assert torch.equal(m.last_load, slow_load)
+        assert m.aux_loss.item() == 0.0, "without autograd the balance losses are skipped"
+    with torch.no_grad():
+        m(torch.randn(1, moe.FEW_TOKENS + 1, 16, dtype=torch.float64))
+    assert calls[-1] == moe.FEW_TOKENS, "above FEW_TOKENS the sorted dispatch runs"

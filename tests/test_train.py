@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from mla import MLACache
 from moe import MoE, update_gate_biases
 
 torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a shared CPU
@@ -112,11 +113,103 @@ def test_cached_generation_equals_uncached(tiny):
     assert torch.equal(cached, uncached), "absorbed-MLA cached decoding must reproduce full recomputation"
 
 
+def test_finished_rows_leave_the_batch_without_changing_any_row(tiny, monkeypatch):
+    # generate() drops finished rows (and their cache) once a quarter of the batch has stopped;
+    # each row must still be what it is when generated alone (greedy)
+    _, enc, _, _, model = tiny
+    compacted = []
+
+    def spy(c_kv, k_pe):
+        compacted.append(c_kv.size(0))
+        return MLACache(c_kv, k_pe)
+
+    monkeypatch.setattr(train, "MLACache", spy)
+    model.eval()
+    problems = [(12, 34), (56, 78), (90, 11), (23, 45), (67, 89), (10, 20), (31, 41), (59, 26)]
+    x = torch.tensor([train.encode(enc, train.render(a, b, False, 2)[0]) for a, b in problems])
+    free = model.generate(x, 24, temperature=0.0)
+    # stop at tokens some rows emit early and others late or never
+    model.args.stop_ids = tuple(sorted({int(free[i, x.size(1) + 2 + i]) for i in range(0, 8, 3)}))
+    batch = model.generate(x, 24, temperature=0.0)
+    stopped = [bool(set(r.tolist()) & set(model.args.stop_ids)) for r in batch[:, x.size(1):]]
+    assert 2 <= sum(stopped) < 8, "the test needs rows that stop early and rows that go on"
+    assert compacted and min(compacted) < 8, "finished rows must have left the batch"
+    for i in range(len(problems)):
+        alone = model.generate(x[i:i + 1], 24, temperature=0.0)[0]
+        assert torch.equal(batch[i, :len(alone)], alone)
+        assert (batch[i, len(alone):] == model.args.pad_id).all()
+
+
 def test_sampled_generation_is_reproducible_with_a_generator(tiny):
     _, enc, _, _, model = tiny
     x = torch.tensor([train.encode(enc, "<|bos|>1+2=")] * 3)
     runs = [model.generate(x, 20, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*runs)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_never_picks_zero_probability():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(20000, 1)
+    draws = train.sample_next(logits, 1.0, None, g)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    p = logits[0].double().softmax(-1)
+    # 20,000 draws: the standard error of each frequency is <= 0.0036; 5 of them is 0.018
+    assert (freq - p).abs().max() < 0.018
+    assert freq[4] == 0, "a token of probability 0 (masked) must never be drawn"
+    # top_k=2 keeps the two largest; temperature 0 is argmax
+    top2 = train.sample_next(logits[:2000], 1.0, 2, g)
+    assert set(top2.tolist()) == {0, 1}
+    assert torch.equal(train.sample_next(logits[:3], 0.0, None), torch.zeros(3, dtype=torch.long))
+
+
+def test_compiled_decode_generates_what_eager_decode_does(tiny, monkeypatch):
+    _, enc, _, _, model = tiny
+    model.eval()
+    rows = [train.encode(enc, train.render(a, b, False, 2)[0]) for a, b in [(12, 34), (5, 6)]]
+    x = torch.tensor(rows)
+    eager = model.generate(x, 30, temperature=0.0)
+    assert model.compile_decode(), "torch.compile of the decode step must work on this machine"
+    # one step at position 3 over an empty cache, in inference mode as generate() runs it
+    with torch.inference_mode():
+        tokens = x[:, :1].clone()
+        torch.testing.assert_close(model.compiled_decode(tokens, 3, model.new_cache(2, 8)),
+                                   model.decode_step(tokens, 3, model.new_cache(2, 8)))
+    assert torch.equal(model.generate(x, 30, temperature=0.0), eager)
+    # a failing compiler leaves generation eager and working
+    model.compiled_decode = None
+
+    def broken(fn, **kw):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert not model.compile_decode() and model.compiled_decode is None
+    assert torch.equal(model.generate(x, 30, temperature=0.0), eager)
+
+
+def test_bench_reports_the_contract_keys_with_and_without_transformers(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, batch_size=2)
+    cfg.train.seq_len = 64
+    res = train.bench(cfg, repeats=1, contexts=(64, 1024), compile=False)
+    for key in ("tokens_per_s_ours", "tokens_per_s_dense", "slowdown_vs_dense", "tokens_per_s_hf",
+                "decode_tokens_per_s_ours_b1", "decode_tokens_per_s_hf_b1",
+                "rollout_tokens_per_s_ours_b128", "attainable_flops", "mfu_train"):
+        assert res[key] > 0, key
+    assert 0 < res["mfu_train"] < 1 and 0 < res["mfu_decode_b1"] < 1
+    assert res["speedup_vs_hf_train"] == res["tokens_per_s_ours_lm"] / res["tokens_per_s_hf"]
+    # both caches hold the latent (transformers >= 5) or HF's holds per-head K/V (4.x): never less
+    assert res["cache_bytes_per_token_layer_hf"] >= res["cache_bytes_per_token_layer_ours"]
+    assert [(r["batch"], r["context"]) for r in res["decode"]] == [(1, 64), (1, 1024), (128, 64),
+                                                                  (128, 1024)]
+
+    def missing(purpose):
+        raise SystemExit(f"error: pip install transformers to {purpose} (it is optional)")
+
+    monkeypatch.setattr(train, "import_transformers", missing)
+    res = train.bench(cfg, repeats=1, contexts=(64, 1024), compile=False)
+    assert res["tokens_per_s_hf"] is None and res["decode_tokens_per_s_hf_b1"] is None
+    assert res["tokens_per_s_ours"] > 0 and "speedup_vs_hf_train" not in res
 
 
 def test_gate_biases_change_once_per_optimizer_step_not_per_micro_batch(tiny):
