@@ -46,6 +46,7 @@ import os
 import random
 import re
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -128,7 +129,7 @@ class TrainConfig:
     sample: str = ""              # complete this prompt with <out>/ckpt.pt and exit
     bench: bool = False           # print speed vs transformers, a dense GPT and the roof; exit
     export_hf: str = ""           # write a Hugging Face folder to this path from --ckpt and exit
-    ckpt: str = ""                # the checkpoint --export-hf reads ('': <out>/ckpt.pt)
+    ckpt: str = ""                # read by --export-hf ('': <out>/ckpt.pt); --bench: its rollouts
     fp8: bool = False             # Linears in block-scaled FP8 (V3 §3.3)
     compile: bool = False         # torch.compile the training step (slow to compile on a CPU)
     data: str = ""                # a UTF-8 text file to pretrain on instead of the world
@@ -1459,6 +1460,35 @@ def hf_decode_step(hf: nn.Module, batch: int, context: int, n_steps: int):
     return step, sum(t.nbytes for t in tensors)
 
 
+def checkpoint_rollouts(path: str, compile: bool, repeats: int = 3) -> dict:
+    """Rollouts of a trained checkpoint as grpo.py samples them: 16 held-out prompts x 8 samples
+    at T = 1, the world's response cap, its stop tokens (finished rows leave the batch). Generated
+    (non-padding) tokens/s, median of `repeats` after a warm-up, eager and compiled."""
+    model, enc, ckpt_cfg, _ = load_checkpoint(path)
+    model.eval()
+    width = ckpt_cfg.train.max_digits
+    world = ckpt_cfg.train.world
+    n_new = max_response_tokens(width, world, enc)
+    rows = [encode(enc, prompt_text(a, b, width, world))
+            for a, b in eval_split("heldout", 16, width) for _ in range(8)]
+    lengths = []
+
+    def sample():
+        ids = generate_ids(model, rows, n_new, 1.0, torch.Generator().manual_seed(len(lengths)))
+        lengths.append(sum(map(len, ids)))
+
+    out = {}
+    for mode in ("eager", "compiled"):
+        if mode == "compiled" and not (compile and model.compile_decode()):
+            break
+        lengths.clear()
+        sec = interleaved_median({"rollout": sample}, repeats, warmup=1)["rollout"]
+        key = "rollout_tokens_per_s_ckpt" + ("_compiled" if mode == "compiled" else "")
+        out[key] = statistics.median(lengths[1:]) / sec
+    out["rollout_mean_length_ckpt"] = statistics.median(lengths[1:]) / len(rows)
+    return out
+
+
 BENCH_CONTEXTS = (256, 1024, 4096)
 
 
@@ -1475,11 +1505,15 @@ def bench(cfg: Config, repeats: int = 5, contexts: tuple = BENCH_CONTEXTS,
     timed both ways), and of a dense GPT whose FFN makes its parameters equal our ACTIVE count;
     greedy decode tokens/s at batch 1 and 128, contexts BENCH_CONTEXTS, each with its own cache
     (ours the MLA latent, HF's the per-head K/V); batch-128 rollouts at T = 1; the machine's
-    matmul FLOP/s and the model-FLOPs utilisation (MFU) of training and batch-1 decode.
+    matmul FLOP/s and the model-FLOPs utilisation (MFU) of training and batch-1 decode. With
+    --ckpt, also the rollouts of that trained model (checkpoint_rollouts): real lengths and stops.
     contexts must include 1024 (the contract's decode keys); compile: also time compile_decode."""
     if 1024 not in contexts:
         raise ValueError(f"bench: contexts must include 1024, got {contexts}")
     tc = cfg.train
+    if tc.ckpt and not os.path.isfile(tc.ckpt):
+        raise SystemExit(f"error: --ckpt {tc.ckpt}: no such file (a checkpoint of train.py or "
+                         f"grpo.py, e.g. out/grpo/ckpt.pt)")
     m = cfg.model
     enc, _, world = make_tokenizer_and_world(tc, 16)
     # longer RoPE tables for the decode contexts (the weights do not depend on max_seq_len)
@@ -1591,6 +1625,9 @@ def bench(cfg: Config, repeats: int = 5, contexts: tuple = BENCH_CONTEXTS,
     decode_flops = decode_flops_per_token(ours, 1024)
     out["decode_limit_tokens_per_s_b1"] = flops / decode_flops
     out["mfu_decode_b1"] = decode_flops * out["decode_tokens_per_s_ours_b1"] / flops
+    if tc.ckpt:
+        note(f"bench: rollouts of {tc.ckpt}, as grpo.py samples them")
+        out.update(checkpoint_rollouts(tc.ckpt, compile))
     out["threads"] = torch.get_num_threads()
     return out
 

@@ -210,6 +210,20 @@ def test_bench_reports_the_contract_keys_with_and_without_transformers(tmp_path,
     res = train.bench(cfg, repeats=1, contexts=(64, 1024), compile=False)
     assert res["tokens_per_s_hf"] is None and res["decode_tokens_per_s_hf_b1"] is None
     assert res["tokens_per_s_ours"] > 0 and "speedup_vs_hf_train" not in res
+    # --ckpt: a missing file fails before any timing; a real one adds its rollouts
+    cfg.train.ckpt = str(tmp_path / "none.pt")
+    with pytest.raises(SystemExit, match="no such file"):
+        train.bench(cfg)
+
+
+def test_checkpoint_rollouts_count_the_generated_tokens(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2, eval_interval=2)
+    train.train(cfg)
+    res = train.checkpoint_rollouts(os.path.join(cfg.train.out, "ckpt.pt"), compile=False,
+                                    repeats=1)
+    assert set(res) == {"rollout_tokens_per_s_ckpt", "rollout_mean_length_ckpt"}
+    assert res["rollout_tokens_per_s_ckpt"] > 0
+    assert 0 < res["rollout_mean_length_ckpt"] <= train.max_response_tokens(2, "zero", None)
 
 
 def test_gate_biases_change_once_per_optimizer_step_not_per_micro_batch(tiny):
