@@ -46,7 +46,6 @@ import os
 import random
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -1473,6 +1472,10 @@ def checkpoint_rollouts(path: str, compile: bool, repeats: int = 3) -> dict:
             for a, b in eval_split("heldout", 16, width) for _ in range(8)]
     lengths = []
 
+    def median_tokens() -> float:
+        # the repeats' token counts (the warm-up's is the first)
+        return sorted(lengths[1:])[(len(lengths) - 1) // 2]
+
     def sample():
         ids = generate_ids(model, rows, n_new, 1.0, torch.Generator().manual_seed(len(lengths)))
         lengths.append(sum(map(len, ids)))
@@ -1484,8 +1487,8 @@ def checkpoint_rollouts(path: str, compile: bool, repeats: int = 3) -> dict:
         lengths.clear()
         sec = interleaved_median({"rollout": sample}, repeats, warmup=1)["rollout"]
         key = "rollout_tokens_per_s_ckpt" + ("_compiled" if mode == "compiled" else "")
-        out[key] = statistics.median(lengths[1:]) / sec
-    out["rollout_mean_length_ckpt"] = statistics.median(lengths[1:]) / len(rows)
+        out[key] = median_tokens() / sec
+    out["rollout_mean_length_ckpt"] = median_tokens() / len(rows)
     return out
 
 
