@@ -1380,6 +1380,28 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / min(interleaved_median({"mm": product}, repeats, 1)["mm"] for _ in "ab")
 
 
+def activation_bytes(model: nn.Module, loss_fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward of one loss_fn() (activations: what
+    sets a training step's peak memory beside the weights), each storage counted once, the
+    model's own parameters not counted. Runs the backward too."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def unpack(t):
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = loss_fn()
+    loss.backward()
+    return sum(kept.values())
+
+
 def train_flops_per_token(model: Transformer, seq_len: int) -> float:
     """FLOPs of one training token (forward + backward = 3 x forward): 6 per active weight used
     in a matmul (the input embedding is a lookup; each MTP module runs the head again) plus
@@ -1541,24 +1563,33 @@ def bench(cfg: Config, repeats: int = 5, contexts: tuple = BENCH_CONTEXTS,
     x = batch[:, :-1]
     y = batch[:, 1:]
 
-    def step_ours():
-        ours(x, y)[0].backward()
+    def loss_ours():
+        return ours(x, y)[0]
 
-    def step_ours_lm():
-        F.cross_entropy(ours(x).flatten(0, 1), y.flatten()).backward()
+    def loss_ours_lm():
+        return F.cross_entropy(ours(x).flatten(0, 1), y.flatten())
 
-    def step_dense():
-        F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).backward()
+    def loss_dense():
+        return F.cross_entropy(dense(x).flatten(0, 1), y.flatten())
 
-    def step_hf():
-        F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1), y.flatten()).backward()
+    def loss_hf():
+        return F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1), y.flatten())
 
-    steps = {"ours": step_ours, "ours_lm": step_ours_lm, "dense": step_dense}
+    def backward_of(loss_fn):
+        def step():
+            loss_fn().backward()
+        return step
+
+    # name -> (the model, its loss on the batch)
+    losses = {"ours": (ours, loss_ours), "ours_lm": (ours, loss_ours_lm),
+              "dense": (dense, loss_dense)}
     if hf is not None:
-        steps["hf"] = step_hf
+        losses["hf"] = (hf, loss_hf)
     note(f"bench: training steps of {x.numel()} tokens, {repeats} repeats each, interleaved")
-    med = interleaved_median(steps, repeats, warmup=2)
+    med = interleaved_median({k: backward_of(fn) for k, (_, fn) in losses.items()}, repeats,
+                             warmup=2)
     tps = {name: x.numel() / s for name, s in med.items()}
+    memory = {f"activation_bytes_{k}": activation_bytes(*v) for k, v in losses.items()}
     out = {"tokens_per_s_ours": tps["ours"], "tokens_per_s_dense": tps["dense"],
            "params_active_ours": active,
            "params_dense": sum(p.numel() for p in dense.parameters()),
@@ -1566,6 +1597,7 @@ def bench(cfg: Config, repeats: int = 5, contexts: tuple = BENCH_CONTEXTS,
            "tokens_per_s_ours_lm": tps["ours_lm"], "tokens_per_s_hf": tps.get("hf")}
     if hf is not None:
         out["speedup_vs_hf_train"] = tps["ours_lm"] / tps["hf"]
+    out.update(memory)
     ours.eval()
     if hf is not None:
         hf.eval()
@@ -1632,6 +1664,13 @@ def bench(cfg: Config, repeats: int = 5, contexts: tuple = BENCH_CONTEXTS,
         note(f"bench: rollouts of {tc.ckpt}, as grpo.py samples them")
         out.update(checkpoint_rollouts(tc.ckpt, compile))
     out["threads"] = torch.get_num_threads()
+    try:
+        # Unix only (not on Windows): the whole process's peak resident memory, all of the above
+        # included; Linux reports KiB
+        import resource
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:
+        pass
     return out
 
 

@@ -197,6 +197,9 @@ def test_bench_reports_the_contract_keys_with_and_without_transformers(tmp_path,
                 "rollout_tokens_per_s_ours_b128", "attainable_flops", "mfu_train"):
         assert res[key] > 0, key
     assert 0 < res["mfu_train"] < 1 and 0 < res["mfu_decode_b1"] < 1
+    # MTP keeps more for backward than the next-token loss alone
+    assert res["activation_bytes_ours"] > res["activation_bytes_ours_lm"] > 0
+    assert res["activation_bytes_hf"] > 0 and res["activation_bytes_dense"] > 0
     assert res["speedup_vs_hf_train"] == res["tokens_per_s_ours_lm"] / res["tokens_per_s_hf"]
     # both caches hold the latent (transformers >= 5) or HF's holds per-head K/V (4.x): never less
     assert res["cache_bytes_per_token_layer_hf"] >= res["cache_bytes_per_token_layer_ours"]
@@ -214,6 +217,22 @@ def test_bench_reports_the_contract_keys_with_and_without_transformers(tmp_path,
     cfg.train.ckpt = str(tmp_path / "none.pt")
     with pytest.raises(SystemExit, match="no such file"):
         train.bench(cfg)
+
+
+def test_activation_bytes_counts_what_backward_keeps_once_and_not_the_weights():
+    # Linear keeps its input x [4, 3] (and its weight: a parameter, not counted); relu keeps its
+    # output [4, 5]; sum keeps nothing: 4 * (12 + 20) bytes
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 5, bias=False)
+    x = torch.randn(4, 3)
+
+    def loss():
+        h = m(x).relu()
+        # h used twice: its storage is counted once
+        return (h * h).sum() + h.sum()
+
+    assert train.activation_bytes(m, loss) == 4 * (12 + 20)
+    assert m.weight.grad is not None, "the backward ran"
 
 
 def test_checkpoint_rollouts_count_the_generated_tokens(tmp_path):
