@@ -37,8 +37,9 @@ MaxVio = (max_i load_i - mean load) / mean load measures balance, per batch or o
 
 Dispatch sorts tokens by expert so each expert's tokens are one contiguous segment, runs the
 segments as one grouped matmul (torch._grouped_mm, else a per-expert loop), scales by g and adds
-back to the tokens (index_add): no token is dropped. Names follow deepseek-ai/DeepSeek-V3
-inference/model.py.
+back to the tokens (index_add): no token is dropped. Decoding a few tokens without autograd takes
+all_experts instead: every expert on every token, weighted by its gate (0 where not chosen), the
+same sum with no sorting. Names follow deepseek-ai/DeepSeek-V3 inference/model.py.
 
 demo(): (1) MaxVio_batch of a skewed frozen router under bias updates (gamma 1e-4/1e-3/1e-2)
 against the noise floor of a random router; (2) a tiny MoE LM trained with no balancing, aux loss,
