@@ -187,7 +187,7 @@ def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, in
     return traces, stats
 
 
-# ---- the two distillation losses
+# ---- the distillation losses: SFT, token-level KD, on-policy reverse KL
 
 
 def response_logits(model: train.Transformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -211,6 +211,70 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     log_t = (teacher_logits / temperature).log_softmax(-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)                                    # [N, T-1]
     return temperature ** 2 * (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """On-policy distillation's loss: the mean over response positions of the REVERSE KL
+    KL(p_student || p_teacher), over the whole vocabulary, at prefixes the student sampled itself.
+    Mode-seeking (the student is pushed off tokens the teacher finds unlikely) and reward-free.
+    0 iff the distributions agree at every masked position. student_logits, teacher_logits
+    [N, T-1, V]; mask [N, T-1] (1 on the response, 0 on prompt and padding)."""
+    log_s = student_logits.log_softmax(-1)
+    log_t = teacher_logits.log_softmax(-1)
+    kl = (log_s.exp() * (log_s - log_t)).sum(-1)                                    # [N, T-1]
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def on_policy_distill(student: train.Transformer, teacher: train.Transformer, enc,
+                      problems: list[tuple[int, int]], width: int, updates: int, n_prompts: int,
+                      G: int, lr: float, seed: int = 0, world: str = "zero") -> dict:
+    """On-policy distillation, in place: each update the student samples G responses (T = 1) to
+    n_prompts of the problems, the teacher scores every one of those tokens in one forward pass
+    (no teacher sampling, no reward), and one AdamW step lowers reverse_kl_loss. Returns the
+    losses and the compute counters: teacher_samples (0), teacher_forward_rows and
+    teacher_forward_tokens (response tokens the teacher scored), student_samples."""
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(f"on-policy-{seed}")
+    gen = torch.Generator().manual_seed(seed)
+    n_new = train.max_response_tokens(width, world, enc)
+    counters = {"teacher_samples": 0, "teacher_forward_rows": 0, "teacher_forward_tokens": 0,
+                "student_samples": 0}
+    losses = []
+    for step in range(updates):
+        # 1. the student's own samples (no reward: the teacher's distribution is the signal)
+        batch = [problems[rng.randrange(len(problems))] for _ in range(n_prompts)]
+        prompts = [train.prompt_text(a, b, width, world) for a, b in batch]
+        ro = grpo.rollout(student, enc, prompts, [a + b for a, b in batch], G, 1.0, n_new,
+                          reward_fn=no_reward, generator=gen)
+        # 2. the teacher's distribution at every sampled prefix, one forward pass, then the loss
+        with torch.no_grad():
+            teacher_logits = response_logits(teacher, ro.tokens)
+        student.train()
+        loss = reverse_kl_loss(response_logits(student, ro.tokens), teacher_logits, ro.mask)
+        # 3. one AdamW step after a 5-step warm-up
+        losses.append(warm_step(opt, loss, student, lr, step))
+        counters["teacher_forward_rows"] += len(ro.tokens)
+        counters["teacher_forward_tokens"] += int(ro.mask.sum())
+        counters["student_samples"] += len(ro.tokens)
+    return {"losses": losses, **counters}
+
+
+def warm_step(opt, loss: torch.Tensor, model: torch.nn.Module, lr: float, step: int) -> float:
+    """One AdamW step on loss, lr warmed up linearly over the first 5 steps, gradients clipped at
+    norm 1 (both distillation loops). Returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / 5)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def no_reward(text: str, target: int) -> float:
+    """On-policy distillation needs no reward: rollout() is given this one."""
+    return 0.0
 
 
 def distill_train(student: train.Transformer, traces: grpo.Rollout, cfg: DistillConfig,
@@ -245,13 +309,7 @@ def distill_train(student: train.Transformer, traces: grpo.Rollout, cfg: Distill
                 teacher_logits = response_logits(teacher, tokens)
             loss = kd_loss(logits, teacher_logits, mask, cfg.kd_temperature)
         # 3. one AdamW step after a 5-step warm-up
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / 5)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(warm_step(opt, loss, student, cfg.lr, step))
     return losses
 
 

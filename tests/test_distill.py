@@ -285,3 +285,40 @@ def test_r1_recipe_checks_its_inputs_before_any_work(tiny_base, tmp_path):
     with pytest.raises(SystemExit, match="not a zero-world model"):
         distill.main(["--recipe", "r1", "--init", str(tmp_path / "choice" / "ckpt.pt"),
                       "--rl-init", "", "--out", str(tmp_path / "c")])
+
+
+# ----------------------------------------------------------------------------- on-policy distillation
+
+def test_reverse_kl_by_hand_zero_at_equal_masked_and_its_gradient_sign():
+    # a vocabulary of 3: student p_s = softmax(s), teacher p_t = softmax(t) at one response position
+    t = torch.tensor([[[0.0, 1.0, 2.0], [5.0, 0.0, 0.0]]])                  # [1, 2, 3]
+    s = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0]])                                         # position 1: a prompt
+    loss = distill.reverse_kl_loss(s, t, mask)
+    p_s = torch.full((3,), 1 / 3)
+    p_t = torch.tensor([0.0, 1.0, 2.0]).softmax(-1)
+    by_hand = (p_s * (p_s.log() - p_t.log())).sum()
+    assert torch.allclose(loss, by_hand, atol=1e-6) and loss.item() > 0
+    loss.backward()
+    # mass moves toward the token the teacher likes most, away from the one it likes least
+    assert s.grad[0, 0, 2] < 0 < s.grad[0, 0, 0]
+    assert torch.equal(s.grad[0, 1], torch.zeros(3)), "a masked (prompt) position gets no gradient"
+    assert distill.reverse_kl_loss(t.clone(), t, torch.ones(1, 2)).abs().item() < 1e-6
+    # reverse, not forward: KL(p_s || p_t) differs from kd_loss's KL(p_t || p_s)
+    assert abs(distill.kd_loss(s.detach(), t, mask).item() - loss.item()) > 1e-3
+
+
+def test_on_policy_distillation_lowers_the_reverse_kl_and_counts_its_compute():
+    torch.manual_seed(0)
+    cfg = train.tiny_config(max_digits=2)
+    enc, _, _ = train.make_tokenizer_and_world(cfg.train, 8)
+    teacher = train.build_model(cfg, enc, "cpu")
+    student = train.build_model(train.tiny_config(max_digits=2, student=True), enc, "cpu")
+    problems = [(a, 2 * a % 97) for a in range(10, 40)]
+    out = distill.on_policy_distill(student, teacher, enc, problems, 2, updates=12, n_prompts=2,
+                                    G=4, lr=1e-2)
+    losses = out["losses"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    assert out["teacher_samples"] == 0, "on-policy distillation never samples the teacher"
+    assert out["teacher_forward_rows"] == out["student_samples"] == 12 * 2 * 4
+    assert out["teacher_forward_tokens"] >= out["teacher_forward_rows"]
