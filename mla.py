@@ -259,19 +259,24 @@ class MLA(nn.Module):
         k_pe = apply_rotary_emb(k_pe, cos, sin)                # [B, T, dr], one key for all heads
         return q_nope, q_pe, c_kv, k_pe
 
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The latent [B, T, kv_lora_rank] and rope key [B, T, dr] -> every head's key
+        [B, T, H, dn + dr] = [W_UK c_kv | k_pe] and value [B, T, H, dv] = W_UV c_kv."""
+        cfg = self.cfg
+        B, T, _ = c_kv.shape
+        kv = self.wkv_b(c_kv).view(B, T, cfg.n_heads, -1)     # [B, T, H, dn + dv]
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k_pe = k_pe[:, :, None].expand(-1, -1, cfg.n_heads, -1)   # [B, T, H, dr]
+        return torch.cat([k_nope, k_pe], dim=-1), v
+
     def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Materialise per-head K = [k_nope | k_pe] and V from the latent; SDPA.
 
         Returns [B, T, H, dv].
         """
         cfg = self.cfg
-        B = c_kv.size(0)
         Tk = c_kv.size(1)
-        H = cfg.n_heads
-        kv = self.wkv_b(c_kv).view(B, Tk, H, -1)               # [B, Tk, H, dn + dv]
-        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        k_pe = k_pe[:, :, None].expand(-1, -1, H, -1)          # [B, Tk, H, dr]
-        k = torch.cat([k_nope, k_pe], dim=-1)                  # [B, Tk, H, dn + dr]
+        k, v = self.expand_kv(c_kv, k_pe)                      # [B, Tk, H, dn + dr], [.., dv]
         q = torch.cat([q_nope, q_pe], dim=-1)                  # [B, T, H, dn + dr]
         # PyTorch's fused (flash) kernels want one head width for q, k and v; with dv < dn + dr
         # SDPA falls back to its unfused math path (2x slower on a CPU here). Zero columns of v
@@ -366,14 +371,10 @@ def official_naive_decode(mla: MLA, x: torch.Tensor, start_pos: int, k_cache: to
     [dv] are cached (n_h (dn + d_R + dv) numbers per token per layer: 40,960 at V3's sizes, 71x
     MLA's 576); the new tokens' K/V are expanded once, written, and attended with SDPA.
     Args: x [B, T, dim]; k_cache [B, L, H, dn + dr], v_cache [B, L, H, dv]. Returns [B, T, dim]."""
-    cfg = mla.cfg
     B, T, _ = x.shape
     end = start_pos + T
     q_nope, q_pe, c_kv, k_pe = mla.project(x, start_pos)
-    kv = mla.wkv_b(c_kv).view(B, T, cfg.n_heads, -1)
-    k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-    k_cache[:B, start_pos:end] = torch.cat([k_nope, k_pe[:, :, None].expand_as(q_pe)], dim=-1)
-    v_cache[:B, start_pos:end] = v
+    k_cache[:B, start_pos:end], v_cache[:B, start_pos:end] = mla.expand_kv(c_kv, k_pe)
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)              # [B, H, T, dn + dr]
     k = k_cache[:B, :end].transpose(1, 2)
     v = v_cache[:B, :end].transpose(1, 2)
@@ -457,10 +458,10 @@ def demo(small: bool = False, seed: int = 0) -> dict:
                 out[f"decode_ms_{m}_{ctx}"] = ms[m]
             out[f"decode_speedup_{ctx}"] = ms["naive"] / ms["absorb"]
             out[f"decode_speedup_vs_official_{ctx}"] = ms["official"] / ms["absorb"]
-        # the official naive cache's bytes per token per layer at our sizes, float32
-        out["cache_bytes_fp32_official_tiny"] = 4 * tiny.n_heads * (mla.qk_head_dim
-                                                                    + tiny.v_head_dim)
-        out["cache_bytes_fp32_mla_tiny"] = 4 * (tiny.kv_lora_rank + tiny.qk_rope_head_dim)
+        # the two caches' bytes per token per layer at our sizes, float32
+        for kind, name in (("naive", "official"), ("mla", "mla")):
+            _, nbytes = kv_cache_elements(tiny, kind, bytes_per_element=4)
+            out[f"cache_bytes_fp32_{name}_tiny"] = nbytes
     finally:
         torch.set_num_threads(threads)
     return out

@@ -299,10 +299,12 @@ class Transformer(nn.Module):
         # 1. prefill: the whole prompt at once (fills the latent cache)
         if use_cache:
             logits = self.decode_step(tokens, 0, cache)
-        else:
-            logits = self.logits(self.forward_hidden(tokens, mode="naive")[:, -1]).float()
         for n in range(T, T + max_new_tokens):
-            # 2. sample the next token of every row; finished rows get padding
+            # 2. sample the next token of every row (without a cache, from everything so far
+            # again); finished rows get padding
+            if not use_cache:
+                h = self.forward_hidden(out[live, :n], mode="naive")
+                logits = self.logits(h[:, -1]).float()
             nxt = sample_next(logits, temperature, top_k, generator)
             nxt = nxt.masked_fill(done, self.args.pad_id)
             out[live, n] = nxt
@@ -318,12 +320,9 @@ class Transformer(nn.Module):
                 live, nxt, done = live[keep], nxt[keep], done[keep]
                 if use_cache:
                     cache = [MLACache(c.c_kv[keep], c.k_pe[keep]) for c in cache]
-            # 4. decode one position: the new token against the cache (or everything again)
+            # 4. decode one position: the new token against the cache
             if use_cache:
                 logits = step(nxt[:, None], n, cache)
-            else:
-                h = self.forward_hidden(out[live, :n + 1], mode="naive")
-                logits = self.logits(h[:, -1]).float()
         return out[:, :n + 1]
 
 
@@ -1373,11 +1372,14 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     fastest of `repeats` n x n matrix products (2 n^3 FLOPs each) at torch's thread setting."""
     a = torch.randn(n, n)
     b = torch.randn(n, n)
-
-    def product():
+    # one product to warm up, then the fastest of the timed ones
+    a @ b
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         a @ b
-
-    return 2 * n ** 3 / min(interleaved_median({"mm": product}, repeats, 1)["mm"] for _ in "ab")
+        seconds.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(seconds)
 
 
 def activation_bytes(model: nn.Module, loss_fn) -> int:
@@ -1422,7 +1424,7 @@ def decode_flops_per_token(model: Transformer, context: int) -> float:
     weighted latents (2 c + d_R per key)."""
     a = model.args
     _, active = param_counts(model)
-    mtp = sum(p.numel() for p in model.mtp.parameters()) if len(model.mtp) else 0
+    mtp = sum(p.numel() for p in model.mtp.parameters())
     m = a.mla
     per_key = m.n_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
     return 2 * (active - mtp - a.vocab_size * a.dim) + 2 * a.n_layers * context * per_key

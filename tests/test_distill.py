@@ -287,7 +287,7 @@ def test_r1_recipe_checks_its_inputs_before_any_work(tiny_base, tmp_path):
                       "--rl-init", "", "--out", str(tmp_path / "c")])
 
 
-# ----------------------------------------------------------------------------- on-policy distillation
+# ------------------------------------------------------------------------ on-policy distillation
 
 def test_reverse_kl_by_hand_zero_at_equal_masked_and_its_gradient_sign():
     # a vocabulary of 3: student p_s = softmax(s), teacher p_t = softmax(t) at one response position
