@@ -107,6 +107,10 @@ class DistillConfig:
     rs_prompts: int = 512         # r1: stage 3 samples these prompts --trace-samples times
     k: int = 2                    # r1: T = 1 samples per held-out problem (consistency, mixing)
     seed: int = 0                 # r1: seeds the RL sampling, the problems and the trace order
+    sizes: int = 0                # the distilled family: the first K of FAMILY (0 = the comparison)
+    on_policy_prompts: int = 16   # family: prompts per on-policy update (x G = 8 student samples)
+    only_seeds: str = ""          # family: run just these seeds (comma list), e.g. one per process
+    resume: bool = False          # family: keep the finished (size, seed) cells already in --out
 
     def validate(self) -> None:
         counts = (self.seeds, self.updates, self.batch_size, self.trace_prompts,
@@ -116,6 +120,11 @@ class DistillConfig:
             raise ValueError("seeds, updates, batch_size, trace_prompts, trace_samples, n, "
                              "zero_steps, cold_start, sft_updates, sft_batch_size, rl_steps, "
                              "rs_prompts and k must be >= 1")
+        if not 0 <= self.sizes <= len(FAMILY):
+            raise ValueError(f"sizes must be 0 (the comparison) to {len(FAMILY)}, got {self.sizes}")
+        if self.on_policy_prompts < 1:
+            raise ValueError("on_policy_prompts must be >= 1")
+        family_seeds(self)
         if self.recipe not in ("distill", "r1"):
             raise ValueError(f"recipe must be 'distill' or 'r1', got {self.recipe!r}")
         if not self.consistency_weight >= 0:
@@ -154,11 +163,14 @@ def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, in
                    ) -> tuple[grpo.Rollout, dict]:
     """The teacher answers every problem `samples` times; keep_trace filters (notation and
     max_tokens: R1's stricter filter). Returns the kept rows as a grpo.Rollout (tokens [N, T]
-    right-padded, mask [N, T-1] on response tokens) and counts."""
+    right-padded, mask [N, T-1] on response tokens, group_ids the problem's index) and counts,
+    with the teacher's generated tokens in all and per problem (tokens_by_prompt)."""
     g = torch.Generator(device=next(teacher.parameters()).device).manual_seed(seed)
     n_new = train.max_response_tokens(width, world, enc)
     kept = []
     n_generated = 0
+    # the teacher's generated tokens per prompt: its sampling compute (family's counters)
+    tokens_by_prompt = [0] * len(problems)
     # 1. sample in chunks, keeping the rows that pass the filter
     for i in range(0, len(problems), chunk):
         part = problems[i:i + chunk]
@@ -166,23 +178,27 @@ def teacher_traces(teacher: train.Transformer, enc, problems: list[tuple[int, in
                           [a + b for a, b in part],
                           samples, temperature, n_new, generator=g)
         for j, (text, target) in enumerate(zip(ro.texts, ro.targets)):
+            prompt = i + j // samples
+            tokens_by_prompt[prompt] += len(ro.ids[j])
             n_tokens = len(ro.ids[j]) if max_tokens else 0
             if keep_trace(text, target, notation, n_tokens, max_tokens):
-                kept.append((ro.tokens[j], ro.mask[j], text, target))
+                kept.append((ro.tokens[j], ro.mask[j], text, target, prompt))
         n_generated += len(ro.texts)
     if not kept:
         raise SystemExit(f"error: rejection sampling kept none of the teacher's {n_generated} "
                          f"samples (none right and well-formed): train the teacher further "
                          f"(python grpo.py), or raise --trace-prompts / --trace-samples")
     # 2. align the chunks, each padded to its own length: F.pad to T (a negative pad crops)
-    T = max(int(m.nonzero().max()) + 2 for _, m, _, _ in kept)          # last response token + 1
+    T = max(int(k[1].nonzero().max()) + 2 for k in kept)               # last response token + 1
     pad = teacher.args.pad_id
-    tokens = torch.stack([F.pad(t, (0, T - len(t)), value=pad) for t, _, _, _ in kept])
-    mask = torch.stack([F.pad(m, (0, T - 1 - len(m))) for _, m, _, _ in kept])
+    tokens = torch.stack([F.pad(k[0], (0, T - len(k[0])), value=pad) for k in kept])
+    mask = torch.stack([F.pad(k[1], (0, T - 1 - len(k[1]))) for k in kept])
     texts = [k[2] for k in kept]
     stats = {"n_traces_generated": n_generated, "n_traces_kept": len(kept),
-             "think_rate_kept": grpo.mean_of(grpo.thinks, texts)}
-    traces = grpo.Rollout(tokens, mask, torch.zeros(len(kept), dtype=torch.long),
+             "think_rate_kept": grpo.mean_of(grpo.thinks, texts),
+             "teacher_sample_tokens": sum(tokens_by_prompt), "tokens_by_prompt": tokens_by_prompt}
+    # group_ids: the problem each kept trace answers (the family's smaller trace pools)
+    traces = grpo.Rollout(tokens, mask, torch.tensor([k[4] for k in kept]),
                           torch.ones(len(kept)), texts, [k[3] for k in kept], 0.0)
     return traces, stats
 
@@ -228,12 +244,14 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def on_policy_distill(student: train.Transformer, teacher: train.Transformer, enc,
                       problems: list[tuple[int, int]], width: int, updates: int, n_prompts: int,
-                      G: int, lr: float, seed: int = 0, world: str = "zero") -> dict:
+                      G: int, lr: float, seed: int = 0, world: str = "zero",
+                      on_update=None) -> dict:
     """On-policy distillation, in place: each update the student samples G responses (T = 1) to
     n_prompts of the problems, the teacher scores every one of those tokens in one forward pass
     (no teacher sampling, no reward), and one AdamW step lowers reverse_kl_loss. Returns the
     losses and the compute counters: teacher_samples (0), teacher_forward_rows and
-    teacher_forward_tokens (response tokens the teacher scored), student_samples."""
+    teacher_forward_tokens (response tokens the teacher scored), student_samples.
+    on_update(update, counters), if given, is called after every update (the family's curve)."""
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(f"on-policy-{seed}")
     gen = torch.Generator().manual_seed(seed)
@@ -257,6 +275,8 @@ def on_policy_distill(student: train.Transformer, teacher: train.Transformer, en
         counters["teacher_forward_rows"] += len(ro.tokens)
         counters["teacher_forward_tokens"] += int(ro.mask.sum())
         counters["student_samples"] += len(ro.tokens)
+        if on_update is not None:
+            on_update(step + 1, counters)
     return {"losses": losses, **counters}
 
 
@@ -278,11 +298,12 @@ def no_reward(text: str, target: int) -> float:
 
 
 def distill_train(student: train.Transformer, traces: grpo.Rollout, cfg: DistillConfig,
-                  mode: str = "seq", teacher: train.Transformer | None = None, seed: int = 0
-                  ) -> list[float]:
+                  mode: str = "seq", teacher: train.Transformer | None = None, seed: int = 0,
+                  counters: dict | None = None) -> list[float]:
     """cfg.updates AdamW steps on minibatches of traces (shuffled epochs), in place. mode "seq":
     sft_loss; "token": kd_loss against the teacher's logits on the same traces. Returns the loss
-    of every update."""
+    of every update. counters, if given (teacher_forward_rows, teacher_forward_tokens), adds
+    the teacher's forward passes of "token": its rows and the response tokens it scored."""
     if mode not in ("seq", "token") or (mode == "token" and teacher is None):
         raise ValueError(f"mode must be 'seq' or 'token' (token needs the teacher), got {mode!r}")
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -308,6 +329,9 @@ def distill_train(student: train.Transformer, traces: grpo.Rollout, cfg: Distill
             with torch.no_grad():
                 teacher_logits = response_logits(teacher, tokens)
             loss = kd_loss(logits, teacher_logits, mask, cfg.kd_temperature)
+            if counters is not None:
+                counters["teacher_forward_rows"] += len(idx)
+                counters["teacher_forward_tokens"] += int(mask.sum())
         # 3. one AdamW step after a 5-step warm-up
         losses.append(warm_step(opt, loss, student, cfg.lr, step))
     return losses
@@ -320,29 +344,32 @@ def trainable_copy(model: train.Transformer) -> train.Transformer:
     return grpo.frozen_copy(model).train().requires_grad_(True)
 
 
-def pretrained_student(cfg: DistillConfig, teacher_cfg: train.Config, seed: int, device: str):
-    """--student CKPT, or pretrain one with train.py's student_config on the teacher's world and
-    seed `seed`. Returns (model, tokenizer, Config)."""
+def pretrained_student(cfg: DistillConfig, teacher_cfg: train.Config, seed: int, device: str,
+                       scfg: train.Config | None = None, out: str = ""):
+    """--student CKPT, or pretrain one on the teacher's world with seed `seed`: scfg's model
+    (default train.py's student_config) in `out` (default --out/student).
+    Returns (model, tokenizer, Config)."""
     if cfg.student:
         model, enc, scfg, _ = train.load_checkpoint(cfg.student, device)
         return model, enc, scfg
-    scfg = train.student_config(teacher_cfg)
+    scfg = scfg or train.student_config(teacher_cfg)
     scfg.train = dataclasses.replace(scfg.train, steps=cfg.student_steps,
                                      eval_interval=cfg.student_steps, seed=seed, eval_n=cfg.n,
                                      resume=False, fp8=False, compile=False, device=device,
-                                     out=os.path.join(cfg.out, "student"))
+                                     out=out or os.path.join(cfg.out, "student"))
     train.train(scfg)
     model, enc, _, _ = train.load_checkpoint(os.path.join(scfg.train.out, "ckpt.pt"), device)
     return model, enc, scfg
 
 
 def student_rl(model: train.Transformer, enc, scfg: train.Config, steps: int, lr: float, n: int,
-               seed: int) -> dict:
-    """grpo.py's own training loop on the student, in place: its defaults except steps and lr.
-    Returns rl_train's summary (held-out accuracy before and after)."""
-    g = grpo.GRPOConfig(steps=steps, lr=lr, n=n, pass_k=1, eval_interval=steps, bench_prompts=0,
-                        seed=seed)
-    return grpo.rl_train(model, enc, g, None, scfg, verbose=False)
+               seed: int, eval_interval: int = 0, out_dir: str | None = None) -> dict:
+    """grpo.py's own training loop on the student, in place: its defaults except steps and lr
+    (held-out evaluations every eval_interval steps, default only at the end; out_dir keeps
+    metrics.jsonl). Returns rl_train's summary (held-out accuracy before and after)."""
+    g = grpo.GRPOConfig(steps=steps, lr=lr, n=n, pass_k=1, eval_interval=eval_interval or steps,
+                        bench_prompts=0, seed=seed)
+    return grpo.rl_train(model, enc, g, out_dir, scfg, verbose=False)
 
 
 def pick(summary: dict, when: str) -> dict:
@@ -474,6 +501,8 @@ def run(cfg: DistillConfig) -> dict:
     print(f"rejection sampling: kept {trace_stats['n_traces_kept']} of "
           f"{trace_stats['n_traces_generated']} teacher samples (T = {cfg.trace_temperature}) | "
           f"{time.time() - t0:.0f}s", flush=True)
+    # per-problem counts serve the family's smaller trace pools, not this summary
+    trace_stats.pop("tokens_by_prompt")
     # 3. the student (same tokenizer as the teacher), then every method per seed
     student, student_enc, scfg = pretrained_student(cfg, teacher_cfg, cfg.student_seed, device)
     if train.tokenizer_state(student_enc) != train.tokenizer_state(enc):
@@ -489,6 +518,351 @@ def run(cfg: DistillConfig) -> dict:
     with open(os.path.join(cfg.out, "table.md"), "w") as f:
         f.write(table(s) + "\n")
     plot(s, os.path.join(cfg.out, "distill.png"))
+    return s
+
+
+# ---- the distilled family (--sizes K): R1 Table 5 in miniature
+
+# Dense students (no MoE, no MTP), smallest first: dim, layers, MLA heads, d_c, qk_nope, qk_rope,
+# v head dims, FFN width. "0.4M" is train.student_config itself, the comparison's student.
+FAMILY = {"0.15M": (64, 2, 4, 32, 16, 8, 16, 192),
+          "0.4M": (96, 3, 4, 48, 24, 8, 24, 288),
+          "1M": (128, 4, 4, 64, 32, 8, 32, 448)}
+FAMILY_METHODS = ("base", "rl", "rl_3x", "sft", "kd", "on_policy", "distill_rl")
+FAMILY_LABELS = {"base": "base", "rl": "+ RL", "rl_3x": "+ RL, 3x updates", "sft": "+ SFT",
+                 "kd": "+ token KD", "on_policy": "+ on-policy", "distill_rl": "+ SFT, then RL"}
+DISTILLATION = ("sft", "kd", "on_policy")
+# the equal-teacher-compute curve: SFT on the traces of the first fraction of the teacher's
+# prompts, and on-policy distillation evaluated after these updates (and after the last)
+POOL_FRACTIONS = (0.125, 0.25, 0.5)
+ON_POLICY_EVALS = (5, 10, 20)
+# student samples per prompt in on-policy distillation: GRPO's G, so an update sees 128 rows
+ON_POLICY_G = 8
+
+
+def family_config(teacher_cfg: train.Config, size: str) -> train.Config:
+    """The student Config of one FAMILY size: train.student_config with its model resized."""
+    dim, layers, heads, d_c, d_nope, d_rope, d_v, inter = FAMILY[size]
+    scfg = train.student_config(teacher_cfg)
+    mla = dataclasses.replace(scfg.model.mla, n_heads=heads, kv_lora_rank=d_c,
+                              qk_nope_head_dim=d_nope, qk_rope_head_dim=d_rope, v_head_dim=d_v)
+    scfg.model = dataclasses.replace(scfg.model, dim=dim, n_layers=layers, n_dense_layers=layers,
+                                     inter_dim=inter, mla=mla)
+    return scfg
+
+
+def family_seeds(cfg: DistillConfig) -> list[int]:
+    """--only-seeds as a list (default: every seed, range(--seeds)); ValueError on a bad one."""
+    if not cfg.only_seeds:
+        return list(range(cfg.seeds))
+    try:
+        seeds = [int(x) for x in cfg.only_seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"only_seeds must be a comma list of seeds, got {cfg.only_seeds!r}"
+                         ) from None
+    if not all(0 <= x < cfg.seeds for x in seeds):
+        raise ValueError(f"only_seeds must lie in 0..{cfg.seeds - 1} (--seeds {cfg.seeds})")
+    return seeds
+
+
+def teacher_compute(samples: int = 0, sample_tokens: int = 0, rows: int = 0,
+                    tokens: int = 0) -> dict:
+    """A method's teacher compute: sequences it sampled and the tokens it generated, rows and
+    response tokens it scored in forward passes; teacher_tokens adds both kinds of tokens (a
+    generated token costs one cached forward step, about what a scored token costs)."""
+    return {"teacher_samples": samples, "teacher_sample_tokens": sample_tokens,
+            "teacher_forward_rows": rows, "teacher_forward_tokens": tokens,
+            "teacher_tokens": sample_tokens + tokens}
+
+
+def trace_pool(traces: grpo.Rollout, n_problems: int) -> grpo.Rollout:
+    """The kept traces of the first n_problems problems (group_ids is each trace's problem)."""
+    rows = (traces.group_ids < n_problems).nonzero()[:, 0].tolist()
+    return grpo.Rollout(traces.tokens[rows], traces.mask[rows], traces.group_ids[rows],
+                        traces.rewards[rows], [traces.texts[i] for i in rows],
+                        [traces.targets[i] for i in rows], 0.0)
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic: a temp file, then a rename (a killed run never leaves half a cell)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def family_cell(cfg: DistillConfig, teacher: train.Transformer, enc, teacher_cfg: train.Config,
+                size: str, seed: int, device: str, folder: str) -> dict:
+    """One (size, seed) cell: pretrain the student with `seed`, sample the teacher's traces with
+    `seed`, then every method from that one student. Returns {size, seed, params, methods:
+    {method: held-out accuracy, think_rate, length, seconds, updates, teacher compute}, curve}."""
+    width = teacher_cfg.train.max_digits
+    world = teacher_cfg.train.world
+    heldout = train.eval_split("heldout", cfg.n, width)
+    t_cell = time.time()
+    methods = {}
+    curve = {"sft": [], "on_policy": []}
+
+    def held_out(model: train.Transformer) -> dict:
+        ev = grpo.evaluate_policy(model, enc, heldout, width, k=1, seed=seed, world=world,
+                                  modes=("greedy",))
+        return {"accuracy": ev["accuracy"], "think_rate": ev["think_rate"],
+                "length": ev["mean_length"]}
+
+    def record(method: str, figures: dict, seconds: float, updates: int, compute: dict) -> None:
+        methods[method] = {**figures, "seconds": seconds, "updates": updates, **compute}
+        print(f"  {size} seed {seed} | {FAMILY_LABELS[method]:17s} accuracy "
+              f"{figures['accuracy']:.3f} | teacher tokens {compute['teacher_tokens']:,} | "
+              f"{seconds:.0f}s | cell {time.time() - t_cell:.0f}s", flush=True)
+
+    # 1. the student of this size, pretrained with this seed (its spread is in the figures)
+    torch.manual_seed(seed)
+    scfg = family_config(teacher_cfg, size)
+    student, _, scfg = pretrained_student(cfg, teacher_cfg, seed, device, scfg,
+                                          os.path.join(folder, "student"))
+    params = sum(p.numel() for p in student.parameters())
+    # 2. rejection sampling with this seed: the prompts and the teacher's samples
+    excluded = set(train.eval_split("heldout", max(cfg.n, teacher_cfg.train.eval_n), width))
+    rng = random.Random(f"distill-traces-{seed}")
+    problems = grpo.training_problems(rng, cfg.trace_prompts, width, excluded)
+    traces, stats = teacher_traces(teacher, enc, problems, width, cfg.trace_samples,
+                                   cfg.trace_temperature, seed=seed, world=world)
+    sampled = teacher_compute(stats["n_traces_generated"], stats["teacher_sample_tokens"])
+    # 3. the base, RL at the same updates and at 3x: one run of 3x, evaluated every --updates
+    rl_dir = os.path.join(folder, "rl")
+    student_rl(trainable_copy(student), enc, scfg, 3 * cfg.updates, cfg.rl_lr, cfg.n, seed,
+               eval_interval=cfg.updates, out_dir=rl_dir)
+    with open(os.path.join(rl_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    evals = {r["step"]: r for r in rows if "heldout_accuracy" in r}
+    elapsed = {r["step"]: r["elapsed_s"] for r in rows if "elapsed_s" in r}
+    for method, step in (("base", 0), ("rl", cfg.updates), ("rl_3x", 3 * cfg.updates)):
+        figures = {key: evals[step][f"heldout_{name}"]
+                   for key, name in (("accuracy", "accuracy"), ("think_rate", "think_rate"),
+                                     ("length", "mean_length"))}
+        seconds = elapsed.get(step, 0.0) if step else 0.0
+        record(method, figures, seconds, step, teacher_compute())
+    curve["rl"] = [{"updates": s, "accuracy": r["heldout_accuracy"], "teacher_tokens": 0}
+                   for s, r in evals.items()]
+    # 4. SFT on every kept trace, and on the smaller pools of the equal-compute curve
+    for fraction in POOL_FRACTIONS + (1.0,):
+        t = time.time()
+        n_problems = int(fraction * len(problems))
+        pool = trace_pool(traces, n_problems)
+        if not len(pool.tokens):
+            # a tiny run's smallest pool may keep nothing: no point on the curve
+            continue
+        model = trainable_copy(student)
+        distill_train(model, pool, cfg, "seq", seed=seed)
+        seconds = time.time() - t
+        figures = held_out(model)
+        compute = teacher_compute(n_problems * cfg.trace_samples,
+                                  sum(stats["tokens_by_prompt"][:n_problems]))
+        curve["sft"].append({"prompts": n_problems, "traces": len(pool.tokens),
+                             "accuracy": figures["accuracy"], **compute})
+        if fraction == 1.0:
+            record("sft", figures, seconds, cfg.updates, compute)
+            sft_model = model
+            sft_compute = compute
+    # 5. token-level KD on every kept trace: the teacher also scores each minibatch
+    t = time.time()
+    model = trainable_copy(student)
+    counters = {"teacher_forward_rows": 0, "teacher_forward_tokens": 0}
+    distill_train(model, traces, cfg, "token", teacher, seed, counters)
+    compute = teacher_compute(sampled["teacher_samples"], sampled["teacher_sample_tokens"],
+                              counters["teacher_forward_rows"], counters["teacher_forward_tokens"])
+    record("kd", held_out(model), time.time() - t, cfg.updates, compute)
+    # 6. on-policy distillation on the same prompts: no teacher sample, no reward
+    t = time.time()
+    model = trainable_copy(student)
+    evaluating = [0.0]
+
+    def on_update(update: int, counts: dict) -> None:
+        if update in ON_POLICY_EVALS and update < cfg.updates:
+            t_eval = time.time()
+            point = {"updates": update, "accuracy": held_out(model)["accuracy"],
+                     **teacher_compute(rows=counts["teacher_forward_rows"],
+                                       tokens=counts["teacher_forward_tokens"])}
+            curve["on_policy"].append(point)
+            evaluating[0] += time.time() - t_eval
+
+    counts = on_policy_distill(model, teacher, enc, problems, width, cfg.updates,
+                               cfg.on_policy_prompts, ON_POLICY_G, cfg.lr, seed, world, on_update)
+    figures = held_out(model)
+    compute = teacher_compute(rows=counts["teacher_forward_rows"],
+                              tokens=counts["teacher_forward_tokens"])
+    curve["on_policy"].append({"updates": cfg.updates, "accuracy": figures["accuracy"],
+                               **compute})
+    record("on_policy", figures, time.time() - t - evaluating[0], cfg.updates, compute)
+    # 7. distillation, then RL: GRPO on the SFT student at the low lr of (d)
+    t = time.time()
+    rl = student_rl(sft_model, enc, scfg, cfg.updates, cfg.distill_rl_lr, cfg.n, seed)
+    record("distill_rl", pick(rl, "after"), methods["sft"]["seconds"] + time.time() - t,
+           2 * cfg.updates, sft_compute)
+    return {"size": size, "seed": seed, "params": params, "methods": methods, "curve": curve,
+            "n_traces_kept": stats["n_traces_kept"], "seconds": time.time() - t_cell}
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear curve through points (x, y), sorted by x, at x (None outside it)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def mean_curve(cells: list[dict], name: str) -> list[dict]:
+    """One curve of every seed, point by point: mean teacher tokens, mean and spread of the
+    accuracy."""
+    out = []
+    for points in zip(*(c["curve"][name] for c in cells)):
+        acc = [p["accuracy"] for p in points]
+        point = {"teacher_tokens": statistics.mean(p["teacher_tokens"] for p in points),
+                 "accuracy": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc)}
+        if "updates" in points[0]:
+            point["updates"] = points[0]["updates"]
+        if "prompts" in points[0]:
+            point["prompts"] = points[0]["prompts"]
+        out.append(point)
+    return out
+
+
+def summarize_family(cells: dict, sizes: list[str], teacher_ev: dict, cfg: DistillConfig,
+                     wall: float) -> dict:
+    """summary.json of the family: teacher_accuracy and one row per size with params and, per
+    method, the held-out accuracy's mean over seeds, _std and _by_seed, the teacher compute
+    (mean), and the curves; then the figures the README states."""
+    rows = []
+    for size in sizes:
+        per_seed = [cells[(size, seed)] for seed in range(cfg.seeds)]
+        row = {"size": size, "params": per_seed[0]["params"]}
+        for m in FAMILY_METHODS:
+            acc = [c["methods"][m]["accuracy"] for c in per_seed]
+            row[m] = statistics.mean(acc)
+            row[f"{m}_std"] = statistics.pstdev(acc)
+            row[f"{m}_by_seed"] = acc
+        row["teacher_tokens"] = {m: statistics.mean(c["methods"][m]["teacher_tokens"]
+                                                    for c in per_seed) for m in FAMILY_METHODS}
+        row["teacher_samples"] = {m: statistics.mean(c["methods"][m]["teacher_samples"]
+                                                     for c in per_seed) for m in FAMILY_METHODS}
+        row["curve"] = {name: mean_curve(per_seed, name) for name in ("sft", "on_policy", "rl")}
+        row["best_distillation"] = max(DISTILLATION, key=row.get)
+        row["distill_minus_rl_3x"] = row[row["best_distillation"]] - row["rl_3x"]
+        row["best_over_teacher"] = row[row["best_distillation"]] / max(teacher_ev["accuracy"],
+                                                                       1e-9)
+        # on-policy at the SFT run's teacher compute, read off the mean on-policy curve
+        points = [(p["teacher_tokens"], p["accuracy"]) for p in row["curve"]["on_policy"]]
+        row["on_policy_at_sft_teacher_tokens"] = interpolate(points, row["teacher_tokens"]["sft"])
+        rows.append(row)
+    best = [r[r["best_distillation"]] for r in rows]
+    return {"teacher_accuracy": teacher_ev["accuracy"], "teacher": cfg.teacher, "rows": rows,
+            "distill_beats_rl_3x_everywhere": all(r["distill_minus_rl_3x"] > 0 for r in rows),
+            "largest_over_teacher": rows[-1]["best_over_teacher"],
+            "rises_with_size": all(a < b for a, b in zip(best, best[1:])),
+            "sizes": sizes, "seeds": cfg.seeds, "updates": cfg.updates,
+            "batch_size": cfg.batch_size, "on_policy_prompts": cfg.on_policy_prompts,
+            "on_policy_G": ON_POLICY_G, "student_steps": cfg.student_steps,
+            "trace_prompts": cfg.trace_prompts, "trace_samples": cfg.trace_samples,
+            "lr": cfg.lr, "rl_lr": cfg.rl_lr, "distill_rl_lr": cfg.distill_rl_lr,
+            "cell_seconds": sum(c["seconds"] for c in cells.values()), "wall_seconds": wall}
+
+
+def family_table(s: dict) -> str:
+    """The family as markdown: accuracy per size and method, then each method's teacher tokens."""
+    head = " | ".join(FAMILY_LABELS[m] for m in FAMILY_METHODS)
+    lines = [f"| student | params | {head} |", "|---" * (len(FAMILY_METHODS) + 2) + "|"]
+    for r in s["rows"]:
+        cells = " | ".join(f"{r[m]:.3f} ± {r[m + '_std']:.3f}" for m in FAMILY_METHODS)
+        lines.append(f"| {r['size']} | {r['params']:,} | {cells} |")
+    lines += [f"\nteacher (held-out greedy): {s['teacher_accuracy']:.3f}; {s['seeds']} seeds, "
+              "each pretraining its student", "",
+              "| student | " + " | ".join(f"teacher tokens, {FAMILY_LABELS[m]}"
+                                         for m in DISTILLATION)
+              + " | on-policy at SFT's teacher tokens |", "|---" * 5 + "|"]
+    for r in s["rows"]:
+        at = r["on_policy_at_sft_teacher_tokens"]
+        lines.append(f"| {r['size']} | " + " | ".join(f"{r['teacher_tokens'][m]:,.0f}"
+                                                      for m in DISTILLATION)
+                     + f" | {'-' if at is None else f'{at:.3f}'} (SFT {r['sft']:.3f}) |")
+    return "\n".join(lines)
+
+
+def family_plot(s: dict, path: str) -> None:
+    """family.png: held-out accuracy vs student size per method (R1 Table 5's shape) with the
+    teacher's line; accuracy vs teacher tokens for SFT (smaller trace pools) and on-policy
+    distillation (after more updates). A bare Figure, not pyplot."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(12, 4.5))
+    left, right = fig.subplots(1, 2)
+    params = [r["params"] for r in s["rows"]]
+    for m in FAMILY_METHODS:
+        left.errorbar(params, [r[m] for r in s["rows"]], yerr=[r[m + "_std"] for r in s["rows"]],
+                      marker="o", capsize=3, label=FAMILY_LABELS[m])
+    for ax in (left, right):
+        ax.axhline(s["teacher_accuracy"], ls="--", color="k",
+                   label=f"teacher {s['teacher_accuracy']:.2f}")
+        ax.set(xscale="log", ylim=(0, 1.02), ylabel="held-out accuracy (greedy)")
+    left.set(xlabel="student parameters", title=f"{s['updates']} updates each (RL: also 3x), "
+                                                 f"{s['seeds']} seeds")
+    left.legend(fontsize=7)
+    for r, color in zip(s["rows"], ("#1f77b4", "#ff7f0e", "#2ca02c")):
+        for name, style in (("sft", "s-"), ("on_policy", "o--")):
+            points = r["curve"][name]
+            right.plot([p["teacher_tokens"] for p in points], [p["accuracy"] for p in points],
+                       style, color=color, label=f"{r['size']} {FAMILY_LABELS[name]}")
+    right.set(xlabel="teacher tokens (generated + scored)",
+              title="equal teacher compute: SFT (trace pools) vs on-policy")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_family(cfg: DistillConfig) -> dict | None:
+    """--sizes K: every (size, seed) cell not finished in cfg.out (cell.json), then, once all
+    are there, summary.json, table.md and family.png. Returns the summary (None while cells
+    of other seeds are missing: an --only-seeds run)."""
+    cfg.validate()
+    t0 = time.time()
+    device = train.pick_device(cfg.device)
+    teacher, enc, teacher_cfg, _ = train.load_checkpoint(cfg.teacher, device)
+    teacher.eval().requires_grad_(False)
+    width = teacher_cfg.train.max_digits
+    heldout = train.eval_split("heldout", cfg.n, width)
+    teacher_ev = grpo.evaluate_policy(teacher, enc, heldout, width, k=1,
+                                      world=teacher_cfg.train.world, modes=("greedy",))
+    print(f"teacher {cfg.teacher}: held-out accuracy {teacher_ev['accuracy']:.3f}", flush=True)
+    sizes = list(FAMILY)[:cfg.sizes]
+    cells = {}
+    # 1. the cells this run is asked for; a finished one is kept with --resume
+    for size in sizes:
+        for seed in family_seeds(cfg):
+            folder = os.path.join(cfg.out, size, f"seed{seed}")
+            path = os.path.join(folder, "cell.json")
+            if cfg.resume and os.path.isfile(path):
+                print(f"{size} seed {seed}: kept {path}", flush=True)
+                continue
+            os.makedirs(folder, exist_ok=True)
+            print(f"{size} seed {seed}: pretraining, then every method", flush=True)
+            write_json(path, family_cell(cfg, teacher, enc, teacher_cfg, size, seed, device,
+                                         folder))
+    # 2. the summary, once every seed of every size is there
+    for size in sizes:
+        for seed in range(cfg.seeds):
+            path = os.path.join(cfg.out, size, f"seed{seed}", "cell.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    cells[(size, seed)] = json.load(f)
+    missing = len(sizes) * cfg.seeds - len(cells)
+    if missing:
+        print(f"{missing} cells still missing in {cfg.out}: when the other seeds are done, "
+              f"rerun with --resume (and without --only-seeds) to write the summary", flush=True)
+        return None
+    s = summarize_family(cells, sizes, teacher_ev, cfg, time.time() - t0)
+    write_json(os.path.join(cfg.out, "summary.json"), s)
+    with open(os.path.join(cfg.out, "table.md"), "w") as f:
+        f.write(family_table(s) + "\n")
+    family_plot(s, os.path.join(cfg.out, "family.png"))
     return s
 
 
@@ -674,6 +1048,7 @@ def run_r1(cfg: DistillConfig) -> dict:
     kept, kept_stats = teacher_traces(rl_model.eval(), enc, problems, width, cfg.trace_samples,
                                       cfg.trace_temperature, cfg.seed, world="zero",
                                       notation=train.PROMPT_NOTATION, max_tokens=longest)
+    kept_stats.pop("tokens_by_prompt")
     print(f"rejection sampling: kept {kept_stats['n_traces_kept']} of "
           f"{kept_stats['n_traces_generated']} samples of stage 2 (T = {cfg.trace_temperature}) "
           f"| {time.time() - t:.0f}s", flush=True)
@@ -772,6 +1147,8 @@ def parse_config(argv: list[str] | None = None) -> DistillConfig:
     cfg = train.config_from_flags(DistillConfig(), argv, __doc__)
     if cfg.recipe == "r1":
         train.set_out_unless_given(cfg, argv, "out/r1")
+    elif cfg.sizes:
+        train.set_out_unless_given(cfg, argv, "out/distill_family")
     return cfg
 
 
@@ -798,6 +1175,23 @@ def main_r1(cfg: DistillConfig) -> None:
           f"{ratio} | {s['wall_seconds']:.0f}s | {cfg.out}/summary.json")
 
 
+def main_family(cfg: DistillConfig) -> None:
+    """--sizes K: check the inputs before any work, then run_family."""
+    if cfg.student:
+        raise SystemExit("error: --student cannot be combined with --sizes: the family "
+                         "pretrains a student of every size (and seed) itself")
+    if not (cfg.overwrite or cfg.resume):
+        train.check_fresh_out(cfg.out, ("summary.json", *FAMILY))
+    s = run_family(cfg)
+    if s is None:
+        return
+    print(family_table(s))
+    print(f"distillation beats RL at 3x updates at every size: "
+          f"{s['distill_beats_rl_3x_everywhere']} | largest student / teacher: "
+          f"{100 * s['largest_over_teacher']:.0f}% | {s['wall_seconds']:.0f}s | "
+          f"{cfg.out}/summary.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     if cfg.threads:
@@ -808,6 +1202,9 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(cfg.teacher):
         raise SystemExit(f"error: no teacher checkpoint at {cfg.teacher}: run `python train.py` "
                          f"then `python grpo.py` first (or pass --teacher CKPT)")
+    if cfg.sizes:
+        main_family(cfg)
+        return
     if not cfg.overwrite:
         files = ("summary.json", "table.md", os.path.join("student", "ckpt.pt"))
         train.check_fresh_out(cfg.out, files, resume_flag=False)

@@ -322,3 +322,125 @@ def test_on_policy_distillation_lowers_the_reverse_kl_and_counts_its_compute():
     assert out["teacher_samples"] == 0, "on-policy distillation never samples the teacher"
     assert out["teacher_forward_rows"] == out["student_samples"] == 12 * 2 * 4
     assert out["teacher_forward_tokens"] >= out["teacher_forward_rows"]
+
+
+# ------------------------------------------------------------------- the distilled family (--sizes)
+
+def test_family_students_are_dense_share_the_world_and_grow_as_named():
+    cfg = train.Config()
+    enc, _ = tiny_world()
+    counts = []
+    for size in distill.FAMILY:
+        scfg = distill.family_config(cfg, size)
+        model = train.build_model(scfg, enc, "cpu")
+        assert not any(isinstance(m, MoE) for m in model.modules()) and len(model.mtp) == 0
+        assert scfg.train.max_digits == cfg.train.max_digits and scfg.train.student
+        counts.append(sum(p.numel() for p in model.parameters()))
+    # about 0.15M, 0.4M and 1M parameters, smallest first
+    for n, (low, high) in zip(counts, [(0.1e6, 0.2e6), (0.35e6, 0.45e6), (0.85e6, 1.15e6)]):
+        assert low < n < high, counts
+    assert counts == sorted(counts)
+    # the middle size is the comparison's student itself
+    assert distill.family_config(cfg, "0.4M").model == train.student_config(cfg).model
+
+
+def test_teacher_compute_counters_of_sft_and_kd():
+    enc, _ = tiny_world()
+    problems = [(4738, 2591), (1000, 0), (12, 34), (5, 5)]
+    texts = [train.render(a, b, True, WIDTH)[1] for a, b in problems]
+    traces = traces_from_texts(enc, problems, texts)
+    # the trace pool of the first two problems keeps exactly their rows
+    pool = distill.trace_pool(traces, 2)
+    assert pool.texts == texts[:2] and torch.equal(pool.tokens, traces.tokens[:2])
+    torch.manual_seed(0)
+    cfg = train.Config()
+    teacher = train.build_model(cfg, enc, "cpu")
+    student = train.build_model(distill.family_config(cfg, "0.15M"), enc, "cpu")
+    dcfg = distill.DistillConfig(updates=3, batch_size=2)
+    counters = {"teacher_forward_rows": 0, "teacher_forward_tokens": 0}
+    distill.distill_train(student, traces, dcfg, "seq", seed=0, counters=counters)
+    assert counters == {"teacher_forward_rows": 0, "teacher_forward_tokens": 0}, "SFT: no teacher"
+    distill.distill_train(student, traces, dcfg, "token", teacher, seed=0, counters=counters)
+    # 3 updates x 2 traces; one pass over the 4 traces, then half of a second pass
+    assert counters["teacher_forward_rows"] == 6
+    per_trace = traces.mask.sum(1)
+    scored = counters["teacher_forward_tokens"]
+    assert per_trace.sum() < scored <= per_trace.sum() + 2 * per_trace.max()
+    c = distill.teacher_compute(samples=8, sample_tokens=100, rows=6, tokens=50)
+    assert c["teacher_tokens"] == 150 and c["teacher_samples"] == 8
+
+
+def test_interpolate_reads_a_curve_between_its_points():
+    points = [(200.0, 0.6), (100.0, 0.4)]
+    assert distill.interpolate(points, 150.0) == pytest.approx(0.5)
+    assert distill.interpolate(points, 100.0) == pytest.approx(0.4)
+    assert distill.interpolate(points, 250.0) is None
+
+
+TINY_FAMILY = {"a": (16, 1, 2, 8, 8, 4, 8, 32), "b": (24, 1, 2, 8, 8, 4, 8, 48)}
+
+
+def test_family_run_writes_the_contract_and_resumes_by_cell(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tiny = train.tiny_config(steps=4, eval_interval=4, eval_n=8, out=str(tmp_path / "t"),
+                             device="cpu")
+    train.train(tiny)
+    monkeypatch.setattr(grpo, "GRPOConfig", small_rl(grpo.GRPOConfig))
+    monkeypatch.setattr(distill, "FAMILY", TINY_FAMILY)
+    monkeypatch.setattr(distill, "ON_POLICY_EVALS", (1,))
+    # an untrained teacher is rarely right: accept every trace so the pipeline has data
+    monkeypatch.setattr(distill, "keep_trace", lambda *args: True)
+    out = tmp_path / "fam"
+    flags = ["--teacher", str(tmp_path / "t" / "ckpt.pt"), "--out", str(out), "--sizes", "2",
+             "--seeds", "2", "--student-steps", "2", "--trace-prompts", "8", "--trace-samples",
+             "2", "--trace-temperature", "1", "--updates", "2", "--batch-size", "4", "--n", "4",
+             "--on-policy-prompts", "2", "--device", "cpu"]
+    cells = []
+    real_cell = distill.family_cell
+
+    def counting(*args, **kwargs):
+        cells.append(args[4:6])
+        return real_cell(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "family_cell", counting)
+    # one seed per process: no summary until the other seed's cells exist
+    assert distill.run_family(distill.parse_config(flags + ["--only-seeds", "1"])) is None
+    assert not (out / "summary.json").exists() and cells == [("a", 1), ("b", 1)]
+    with pytest.raises(SystemExit, match="already holds an earlier run"):
+        distill.main(flags)
+    distill.main(flags + ["--resume"])
+    assert cells[2:] == [("a", 0), ("b", 0)], "--resume keeps the finished cells"
+    s = json.load(open(out / "summary.json"))
+    assert s["teacher_accuracy"] >= 0 and [r["size"] for r in s["rows"]] == ["a", "b"]
+    for row in s["rows"]:
+        for m in ("base", "rl", "rl_3x", "sft", "kd", "on_policy", "distill_rl"):
+            assert 0 <= row[m] <= 1 and row[f"{m}_std"] >= 0 and len(row[f"{m}_by_seed"]) == 2
+        assert row["params"] > 0
+    assert s["rows"][0]["params"] < s["rows"][1]["params"]
+    assert (out / "table.md").exists() and os.path.getsize(out / "family.png") > 0
+    cell = json.load(open(out / "b" / "seed0" / "cell.json"))
+    m = cell["methods"]
+    # teacher compute per method: SFT and KD sample 8 x 2 traces, KD also scores 2 x 4 rows,
+    # on-policy scores the student's 2 updates x 2 prompts x G = 8 rows and samples nothing
+    assert m["sft"]["teacher_samples"] == m["kd"]["teacher_samples"] == 16
+    assert m["sft"]["teacher_forward_rows"] == 0 and m["kd"]["teacher_forward_rows"] == 8
+    assert m["on_policy"]["teacher_samples"] == 0 and m["on_policy"]["teacher_forward_rows"] == 32
+    assert all(m[k]["teacher_tokens"] == 0 for k in ("base", "rl", "rl_3x"))
+    assert m["distill_rl"]["teacher_tokens"] == m["sft"]["teacher_tokens"] > 0
+    assert (m["rl"]["updates"], m["rl_3x"]["updates"]) == (2, 6)
+    # the curves: SFT on growing trace pools, on-policy after 1 and 2 updates
+    assert [p["prompts"] for p in cell["curve"]["sft"]] == [1, 2, 4, 8]
+    tokens = [p["teacher_tokens"] for p in cell["curve"]["sft"]]
+    assert tokens == sorted(tokens) and tokens[-1] == m["sft"]["teacher_tokens"]
+    assert [p["updates"] for p in cell["curve"]["on_policy"]] == [1, 2]
+
+
+def test_family_flags_fail_clearly(tmp_path):
+    assert distill.parse_config(["--sizes", "3"]).out == "out/distill_family"
+    for flags in (["--sizes", "4"], ["--sizes", "2", "--only-seeds", "3"],
+                  ["--sizes", "2", "--only-seeds", "x"], ["--on-policy-prompts", "0"]):
+        with pytest.raises(SystemExit):
+            distill.parse_config(flags)
+    with pytest.raises(SystemExit, match="--student cannot be combined with --sizes"):
+        distill.main(["--sizes", "1", "--student", "s.pt", "--teacher", __file__,
+                      "--out", str(tmp_path / "f")])
