@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import re
 import sys
@@ -128,10 +129,12 @@ def _as_pairs(nbs) -> list[tuple[str, object]]:
     return pairs
 
 
-def answer_key(nbs) -> str:
+def answer_key(nbs, checks: dict[str, str] | None = None) -> str:
     """A markdown answer key: per notebook, in cell order, every exercise's solution code, every
-    deliverable's prompt and every answer cell. nbs: {name: notebook} (or (name, notebook) pairs)."""
+    deliverable's prompt and every answer cell, then what its check cells expect.
+    nbs: {name: notebook} (or (name, notebook) pairs). checks: {exercise id: what it expects}."""
     out = ["# Answer key: notebook exercises (instructors only; not part of the student copy)", ""]
+    checks = checks or {}
     for name, nb in _as_pairs(nbs):
         number = _number(name)
         body = []
@@ -149,9 +152,27 @@ def answer_key(nbs) -> str:
                 body += [text, ""]
             elif cell.cell_type == "markdown" and text.startswith("**Deliverable"):
                 body += ["> " + line for line in text.splitlines()] + [""]
+        expected = [f"- `{k}`: {v}" for k, v in sorted(checks.items()) if k.startswith(f"{number}.")]
+        if expected:
+            body += ["What the check cells expect (notebooks/checks/):", "", *expected, ""]
         if body:
             out += [f"## {name}", ""] + body
     return "\n".join(out).rstrip() + "\n"
+
+
+def check_expectations(root: Path) -> dict[str, str]:
+    """{exercise id: "<what>: <expected>"} from root's notebooks/checks.py and its reference data."""
+    path = Path(root) / "notebooks" / "checks.py"
+    if not path.exists():
+        return {}
+    spec = importlib.util.spec_from_file_location("notebook_checks", path)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    out = {}
+    for data in sorted(checks.DATA.glob("*.json")):
+        for exercise, ref in json.loads(data.read_text(encoding="utf-8")).items():
+            out[exercise] = f"{ref.get('what', 'result')}: {checks.expected_text(ref)}"
+    return out
 
 
 def _parse_only(only) -> set[str] | None:
@@ -208,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.answer_key is not None:
             nbs = {p.name: nbformat.read(p, as_version=4) for p in notebook_paths(args.root)}
-            args.answer_key.write_text(answer_key(nbs), encoding="utf-8")
+            key = answer_key(nbs, check_expectations(args.root))
+            args.answer_key.write_text(key, encoding="utf-8")
             total = sum(count_exercises(nb) for nb in nbs.values())
             print(f"answer key for {total} exercises in {len(nbs)} notebooks: {args.answer_key}")
         if args.out is not None:

@@ -85,8 +85,9 @@ def test_misread_cells_fail_with_the_cell_named(source, tags, words):
 
 
 def test_answer_key_holds_solutions_answers_and_deliverables_only():
-    key = sn.answer_key({"01_tiny.ipynb": tiny_notebook()})
+    key = sn.answer_key({"01_tiny.ipynb": tiny_notebook()}, {"01.1": "x: 'two'", "02.1": "other"})
     assert '### Exercise 01.1: set x to "two"' in key and 'x = "two"' in key
+    assert "- `01.1`: x: 'two'" in key and "other" not in key
     assert "**Answer 01.2.** Because." in key and "print('instructors only')" in key
     assert "> **Deliverable 01.2 (written)**: say why." in key
     assert 'check("01.1", x)' not in key and "a tiny notebook" not in key
@@ -120,6 +121,7 @@ def test_answer_key_cli_writes_the_key_outside_the_student_copy(tmp_path, capsys
     sn.main(["--answer-key", str(key)])
     text = key.read_text(encoding="utf-8")
     assert "### Exercise 01.1:" in text and "Answer 01.2" in text
+    assert "- `01.2`: " in text, "the key says what each check expects"
     assert "answer key" in capsys.readouterr().out
 
 
