@@ -139,6 +139,20 @@ def test_every_stubbed_exercise_raises_its_own_message(path):
         assert str(e.value) == f"exercise {exercise}: {what}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_every_exercise_is_checked_or_handed_in(path):
+    nb = nbformat.read(path, as_version=4)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    announced = set(re.findall(r"\*\*Exercise (\d\d\.\d+)\b", text))
+    handed_in = set(re.findall(r"^\*\*Deliverable (\d\d\.\d+)", text, flags=re.M))
+    solved = {sn.exercise_header(c)[0] for c in nb.cells if "solution" in sn.tags(c)}
+    checked = {e for c in nb.cells if c.cell_type == "code" for e in CHECK_CALL.findall(c.source)}
+    unchecked = sorted(e for e in announced if e not in checked and e not in handed_in)
+    assert not unchecked, f"{path.name}: exercises with neither a check nor a deliverable: {unchecked}"
+    unsolved = sorted(checked - solved)
+    assert not unsolved, f"{path.name}: checks with no solution cell of the same id: {unsolved}"
+
+
 # ----------------------------------------------------------------------------- check()
 @pytest.fixture
 def reference_data(tmp_path, monkeypatch):
