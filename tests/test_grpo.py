@@ -1,4 +1,5 @@
 """grpo.py: rewards, rollouts, advantages, the clipped objective, its variants and the RL loop."""
+import dataclasses
 import json
 import math
 import os
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 import grpo
+import mla
 import train
+from mtp import MTPConfig
 from test_train import tiny_config
 
 torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a shared CPU
@@ -17,11 +20,28 @@ torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a shared C
 TOL64, TOL32 = 1e-12, 1e-6
 
 
+def policy_config(tmp_path, **train_kw) -> train.Config:
+    """tiny_config with every FFN dense and no MTP module. GRPO is an assignment graded alone, so
+    its policy must not run the MoE gate or the MTP module, which belong to other assignments
+    (test_distill runs GRPO's loop on the full model)."""
+    cfg = tiny_config(tmp_path, **train_kw)
+    cfg.model = dataclasses.replace(cfg.model, n_dense_layers=cfg.model.n_layers,
+                                    mtp=MTPConfig(n_mtp_depth=0))
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _naive_decoding(monkeypatch):
+    """Rollouts decode with MLA's naive attention: the absorbed path is the MLA assignment, so an
+    unfinished one must not fail GRPO's tests (test_mla proves the two paths equal)."""
+    monkeypatch.setattr(mla.MLA, "_attend_absorb", mla.MLA._attend_naive)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random model (MLA, dense FFN, MoE, MTP) with its tokenizer and config."""
+    """A tiny random policy (MLA, dense FFNs) with its tokenizer and config."""
     torch.manual_seed(0)
-    cfg = tiny_config(tmp_path_factory.mktemp("grpo"))
+    cfg = policy_config(tmp_path_factory.mktemp("grpo"))
     enc, _, _ = train.make_tokenizer_and_world(cfg.train, 8)
     return cfg, enc, train.build_model(cfg, enc, "cpu")
 
@@ -29,6 +49,7 @@ def tiny(tmp_path_factory):
 # ----------------------------------------------------------------------------- advantages
 
 
+@pytest.mark.points(3)
 @pytest.mark.parametrize("scale", ["mean", "std"])
 def test_advantages_zero_for_equal_rewards_and_zero_mean_per_group(scale):
     rewards = torch.tensor([1., 1., 1., 1., 0., 1., 0., 0., 0.3, 0.3, 0.3, 0.3], dtype=torch.float64)
@@ -44,6 +65,7 @@ def test_advantages_zero_for_equal_rewards_and_zero_mean_per_group(scale):
     torch.testing.assert_close(A[4:8], expect, rtol=0, atol=TOL64)
 
 
+@pytest.mark.points(2)
 def test_groups_need_not_be_contiguous():
     rewards = torch.tensor([1., 0., 0., 1.])
     A, _ = grpo.group_advantages(rewards, torch.tensor([0, 1, 0, 1]), "mean")
@@ -53,6 +75,7 @@ def test_groups_need_not_be_contiguous():
 # ----------------------------------------------------------------------------- the objective
 
 
+@pytest.mark.points(3)
 def test_clipped_objective_matches_hand_computation_both_signs():
     # ratios 0.5, 1.0, 1.5 on three response tokens; eps_low = 0.2, eps_high = 0.3
     old = torch.zeros(2, 3, dtype=torch.float64)
@@ -70,6 +93,7 @@ def test_clipped_objective_matches_hand_computation_both_signs():
     torch.testing.assert_close(logp.grad, expect, rtol=0, atol=TOL64)
 
 
+@pytest.mark.points(0)
 def test_k3_is_nonnegative_and_zero_when_policies_equal():
     g = torch.Generator().manual_seed(0)
     logp = torch.randn(64, 32, generator=g, dtype=torch.float64) - 2
@@ -84,6 +108,7 @@ def test_k3_is_nonnegative_and_zero_when_policies_equal():
     assert abs(estimate - exact) < 0.01, f"k3 mean {estimate:.4f} vs exact KL {exact:.4f}"
 
 
+@pytest.mark.points(2)
 def test_kl_penalty_enters_loss_with_beta():
     logp = torch.log(torch.tensor([[0.5, 0.25]], dtype=torch.float64))
     ref = torch.log(torch.tensor([[0.25, 0.25]], dtype=torch.float64))
@@ -95,6 +120,7 @@ def test_kl_penalty_enters_loss_with_beta():
         grpo.grpo_loss(logp, None, A, mask, beta=0.1)
 
 
+@pytest.mark.points(3)
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
 def test_each_aggregation_matches_its_formula(aggregation):
     g = torch.Generator().manual_seed(1)
@@ -114,6 +140,7 @@ def test_each_aggregation_matches_its_formula(aggregation):
     assert abs(loss.item() - hand) < TOL64
 
 
+@pytest.mark.points(2)
 def test_mu1_gradient_equals_reinforce_with_group_mean_baseline(tiny):
     cfg, enc, model = tiny
     g = torch.Generator().manual_seed(0)
@@ -136,6 +163,7 @@ def test_mu1_gradient_equals_reinforce_with_group_mean_baseline(tiny):
     torch.testing.assert_close(grads[0], grads[1], rtol=TOL32, atol=TOL32)
 
 
+@pytest.mark.points(0)
 def test_ratio_is_one_at_first_inner_step(tiny):
     cfg, enc, model = tiny
     model.train()
@@ -147,6 +175,7 @@ def test_ratio_is_one_at_first_inner_step(tiny):
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=TOL32)
 
 
+@pytest.mark.points(2)
 def test_second_inner_step_uses_pi_old_stored_at_sampling(tiny):
     cfg, enc, model = tiny
     model = grpo.frozen_copy(model).train().requires_grad_(True)
@@ -174,6 +203,7 @@ def test_zero_variance_groups_are_reported_and_optionally_skipped(tiny):
 # ----------------------------------------------------------------------------- rollouts and masking
 
 
+@pytest.mark.points(0)
 def test_group_ids_line_up_with_their_prompts(tiny):
     cfg, enc, model = tiny
     # prompts of different lengths: generate_ids batches them by length, out of order
@@ -186,6 +216,7 @@ def test_group_ids_line_up_with_their_prompts(tiny):
         assert ro.targets[i] == targets[g]
 
 
+@pytest.mark.points(0)
 def test_mask_covers_exactly_the_response_and_padding_is_inert(tiny):
     cfg, enc, model = tiny
     ro = grpo.rollout(model, enc, ["<|bos|>1+2=", "<|bos|>345+6="], [3, 351], 4, 1.0, 10,
@@ -253,6 +284,7 @@ BATTERY = [
 ]
 
 
+@pytest.mark.points(0)
 @pytest.mark.parametrize("completion,target,acc,fmt", BATTERY, ids=[repr(b[0][:30]) for b in BATTERY])
 def test_reward_on_adversarial_strings(completion, target, acc, fmt):
     assert grpo.accuracy_reward(completion, target) == acc
@@ -262,6 +294,7 @@ def test_reward_on_adversarial_strings(completion, target, acc, fmt):
     assert grpo.reward(completion, target, format_weight=0.5) == acc + 0.5 * fmt
 
 
+@pytest.mark.points(0)
 def test_reward_rejects_non_text():
     with pytest.raises(ValueError, match="str"):
         grpo.reward([1, 2, 3], 5)
@@ -270,11 +303,12 @@ def test_reward_rejects_non_text():
 # ----------------------------------------------------------------------------- the loop and the CLI
 
 
+@pytest.mark.points(3)
 def test_short_run_on_toy_setting_raises_the_reward(tmp_path):
     """Toy setting: a random tiny model, rewarded when its response contains the digit 7 (about 1 in 6
     random responses does). 20 GRPO steps through the real loop must raise the mean reward clearly."""
     torch.manual_seed(0)
-    cfg = tiny_config(tmp_path, max_digits=1)
+    cfg = policy_config(tmp_path, max_digits=1)
     enc, _, _ = train.make_tokenizer_and_world(cfg.train, 8)
     model = train.build_model(cfg, enc, "cpu")
     gcfg = grpo.GRPOConfig(steps=20, n_prompts=8, group_size=8, lr=1e-2, n=8, pass_k=1, bench_prompts=0)
@@ -284,7 +318,7 @@ def test_short_run_on_toy_setting_raises_the_reward(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl")]
     rewards = [r["reward"] for r in rows if "reward" in r]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    # seeds 0, 1, 2 measured: 0.15-0.19 -> 0.99-1.00
+    # seeds 0, 1, 2 measured (the dense policy): 0.15-0.23 -> 0.99-1.00
     assert last > first + 0.5, f"mean reward of the first 5 steps {first:.3f}, of the last 5 {last:.3f}"
     for name in ("ckpt.pt", "grpo.png", "summary.json", "metrics.jsonl"):
         assert (tmp_path / "rl" / name).exists(), f"rl_train + write_outputs must write {name}"
@@ -304,6 +338,7 @@ def test_short_run_on_toy_setting_raises_the_reward(tmp_path):
     train.load_checkpoint(str(tmp_path / "rl" / "ckpt.pt"))      # the checkpoint format of train.py
 
 
+@pytest.mark.points(0)
 def test_eval_cli_loads_a_grpo_checkpoint_and_prints_json(tiny, tmp_path, capsys):
     cfg, enc, model = tiny
     path = str(tmp_path / "ckpt.pt")
@@ -314,11 +349,13 @@ def test_eval_cli_loads_a_grpo_checkpoint_and_prints_json(tiny, tmp_path, capsys
     assert res["n"] == 4 and 0 <= res["accuracy"] <= 1
 
 
+@pytest.mark.points(0)
 def test_missing_checkpoint_tells_the_user_to_run_train_first(tmp_path):
     with pytest.raises(SystemExit, match="python train.py"):
         grpo.main(["--init", str(tmp_path / "nope.pt")])
 
 
+@pytest.mark.points(0)
 @pytest.mark.parametrize("knob", [dict(group_size=1), dict(advantage="median"), dict(aggregation="sum"),
                                   dict(mu=0), dict(beta=-1.0), dict(lr=0.0), dict(reward="length"), dict(eps_low=1.0)])
 def test_bad_config_raises_value_error(knob):
@@ -326,6 +363,7 @@ def test_bad_config_raises_value_error(knob):
         grpo.GRPOConfig(**knob).validate()
 
 
+@pytest.mark.points(0)
 def test_format_control_writes_to_its_own_folder():
     assert grpo.parse_config(["--reward", "format"]).out == "out/grpo_format_control"
     assert grpo.parse_config([]).out == "out/grpo"

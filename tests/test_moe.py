@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import demo_figures
 import moe
 from moe import Gate, MoE, MoEConfig
 
@@ -22,28 +23,6 @@ def tiny(**kw) -> MoEConfig:
     base = dict(dim=16, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2,
                 n_shared_experts=1)
     return MoEConfig(**{**base, **kw})
-
-
-def reference_gate(x, weight, bias, k, n_groups=1, topk_groups=1, route_scale=1.0):
-    """The V3 gate written plainly, one token at a time (the hand computation the tests compare
-    to)."""
-    out_w = []
-    out_i = []
-    for t in range(x.size(0)):
-        s = torch.sigmoid(weight @ x[t])                                  # [E] unbiased
-        # biased, for choosing only
-        b = s + bias
-        groups = b.view(n_groups, -1)
-        size = groups.size(1)
-        if n_groups > 1:
-            kept = groups.topk(2).values.sum(-1).topk(topk_groups).indices
-        else:
-            kept = torch.tensor([0])
-        allowed = torch.cat([torch.arange(g * size, (g + 1) * size) for g in kept.tolist()])
-        idx = allowed[b[allowed].topk(k).indices]
-        out_i.append(idx)
-        out_w.append(s[idx] / s[idx].sum() * route_scale)
-    return torch.stack(out_w), torch.stack(out_i)
 
 
 def naive_per_token(m: MoE, x):
@@ -62,19 +41,7 @@ def naive_per_token(m: MoE, x):
 
 
 # ---- gate
-def test_gate_equals_reference_with_bias_and_groups():
-    cfg = tiny(n_routed_experts=16, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2,
-               route_scale=2.5)
-    gate = Gate(cfg)
-    x = torch.randn(32, 16)
-    gate.bias.copy_(torch.randn(16) * 0.1)
-    w, i = gate(x)
-    rw, ri = reference_gate(x, gate.weight.detach(), gate.bias, 3, 4, 2, 2.5)
-    assert torch.equal(i.sort(-1).values, ri.sort(-1).values), \
-        "selected experts differ from the reference gate"
-    torch.testing.assert_close(w.gather(1, i.argsort(-1)), rw.gather(1, ri.argsort(-1)), **F32)
-
-
+@pytest.mark.points(3)
 def test_bias_changes_selection_not_weights():
     gate = Gate(tiny())
     x = torch.randn(64, 16)
@@ -106,6 +73,7 @@ def test_bias_gets_no_gradient_and_is_saved():
     assert "gate.bias" in m.state_dict() and m.state_dict()["gate.bias"].dtype == torch.float32
 
 
+@pytest.mark.points(2)
 def test_one_group_reduces_to_plain_topk():
     x = torch.randn(50, 16)
     gate = Gate(tiny(n_routed_experts=16, n_activated_experts=4))
@@ -119,6 +87,7 @@ def test_one_group_reduces_to_plain_topk():
     assert torch.equal(grouped(x)[1], plain), "keeping every group must also equal plain top-k"
 
 
+@pytest.mark.points(3)
 def test_masked_groups_are_never_selected():
     # Affinities all 0.5 (zero gate weights); the bias shapes the biased scores per group of 4:
     # group 0 holds the single best expert (1.4) but its top-2 sum is 1.3; groups 1 and 2 sum to
@@ -142,6 +111,7 @@ def test_masked_groups_are_never_selected():
         "masked groups are -inf"
 
 
+@pytest.mark.points(2)
 def test_weights_normalised_and_scaled_by_route_scale():
     x = torch.randn(20, 16)
     w, _ = Gate(tiny(route_scale=2.5))(x)
@@ -200,6 +170,7 @@ def test_no_token_is_dropped_even_when_all_choose_one_expert():
     torch.testing.assert_close(y, naive_per_token(m, x), **F64)
 
 
+@pytest.mark.points(0)
 def test_expert_helper_maps_to_the_official_layout():
     m = MoE(tiny())
     assert m.experts.w1.shape == (8, 8, 16) and m.experts.w2.shape == (8, 16, 8)
@@ -212,6 +183,7 @@ def test_expert_helper_maps_to_the_official_layout():
 
 
 # ---- balancing
+@pytest.mark.points(3)
 def test_bias_update_follows_sign_rule_once_per_step():
     m = MoE(tiny(bias_update_speed=0.01))
     x1 = torch.randn(2, 6, 16)
@@ -250,6 +222,7 @@ def _dist_worker(rank: int, port: int, out: str):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.points(2)
 def test_bias_update_sums_loads_across_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -289,6 +262,7 @@ def test_sequence_wise_loss_averages_over_sequences_and_is_zero_when_off():
     assert m.aux_loss.item() == 0.0
 
 
+@pytest.mark.points(0)
 def test_max_violation_on_known_loads():
     assert moe.max_violation(torch.tensor([10, 10, 10, 10])) == 0.0
     assert moe.max_violation(torch.tensor([40, 0, 0, 0])) == 3.0          # (40 - 10) / 10
@@ -312,6 +286,7 @@ def test_model_helpers_sum_over_layers():
 
 
 # ---- configs
+@pytest.mark.points(0)
 @pytest.mark.parametrize("kw, message", [
     (dict(n_routed_experts=4, n_activated_experts=5), "n_activated_experts=5"),
     (dict(n_expert_groups=2, n_limited_groups=3), "n_limited_groups=3"),
@@ -337,6 +312,8 @@ def test_demo_small_reports_the_contract_keys():
         "the dispatch's speed is ours, not the paper's claim: notebook 02 times it"
     assert out["maxvio_batch_final"] < out["maxvio_batch_start"], \
         "the bias must reduce the skewed router's MaxVio"
+    # the bands tests/grade.py checks on `python moe.py --json --small`
+    assert not demo_figures.unmet("moe", out), "\n".join(demo_figures.unmet("moe", out))
 
 
 def test_bf16_autocast_runs_and_stays_close_to_float32():

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import demo_figures
 from mtp import (DemoConfig, DemoTransformer, MTPConfig, MTPModule, demo, generate_plain,
                  mtp_logits, mtp_loss, speculative_generate)
 
@@ -44,6 +45,7 @@ class IdentityBlock(nn.Module):
         return x
 
 
+@pytest.mark.points(3)
 def test_mtp_module_shapes_names_and_embedding_first_concat():
     dim = 8
     V = 11
@@ -92,6 +94,7 @@ def test_embedding_and_head_are_shared_objects_counted_once():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+@pytest.mark.points(3)
 def test_causal_chain_depth_k_at_i_sees_tokens_up_to_i_plus_k():
     torch.manual_seed(0)
     model = tiny_model(depth=2)
@@ -112,6 +115,7 @@ def test_causal_chain_depth_k_at_i_sees_tokens_up_to_i_plus_k():
                     f"i + {k} >= {j}; moved {moved.int().tolist()}"
 
 
+@pytest.mark.points(2)
 def test_mtp_loss_is_lambda_over_D_times_sum_of_depth_CEs():
     torch.manual_seed(0)
     model = tiny_model(depth=2)
@@ -142,6 +146,7 @@ def greedy_by_full_recompute(model, prompt, n_new):
     return seq
 
 
+@pytest.mark.points(2)
 def test_greedy_speculative_equals_greedy_plain_on_several_prompts():
     model = tiny_model(vocab_size=4, head_scale=4.0)
     accepted = 0
@@ -163,6 +168,7 @@ def test_greedy_speculative_equals_greedy_plain_on_several_prompts():
     assert 0 < accepted < drafted, "the test must exercise both accepted and rejected drafts"
 
 
+@pytest.mark.points(2)
 def test_cache_is_rolled_back_after_rejected_drafts():
     model = tiny_model(vocab_size=4, head_scale=4.0)
     made = {}
@@ -211,6 +217,7 @@ def tv(x: torch.Tensor, y: torch.Tensor) -> float:
     return 0.5 * (x - y).abs().sum().item()
 
 
+@pytest.mark.points(4)
 def test_sampling_speculative_has_the_main_model_distribution():
     """The law of the first 3 new tokens (a, b, c) vs the exact main-model law, on V = 4.
 
@@ -268,6 +275,7 @@ def test_sampling_speculative_has_the_main_model_distribution():
     assert tv(counts / N, exact) < bound_abc, "the bonus token or the second draft is biased"
 
 
+@pytest.mark.points(0)
 def test_bad_inputs_raise_value_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="batch 1"):
@@ -297,3 +305,5 @@ def test_demo_small_reports_the_figures():
     assert 0 <= r["acceptance_rate"] <= 1
     assert r["acceptance_length"] == pytest.approx(1 + r["acceptance_rate"])
     assert all(isinstance(v, (int, float, bool)) for v in r.values()), "flat plain figures only"
+    # the bands tests/grade.py checks on `python mtp.py --json --small`
+    assert not demo_figures.unmet("mtp", r), "\n".join(demo_figures.unmet("mtp", r))
