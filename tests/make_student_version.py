@@ -8,8 +8,8 @@ The instructor's workflow:
      keeps the module importable. mla, moe, mtp, fp8, grpo and distill are marked already.
   2. Generate:   python tests/make_student_version.py OUT_DIR [--only mla,grpo]
      OUT_DIR (outside the repo) gets every git-tracked file except the instructors' own (HIDDEN:
-     tests/hidden/, the hidden tests and the reference implementations they compare against, and
-     tests/grade.py). In each assignment file every region becomes
+     tests/hidden/, the hidden tests and the reference implementations they compare against;
+     tests/grade.py; tests/test_kit.py; answer keys). In each assignment file every region becomes
      `raise NotImplementedError("<what to implement, paper §>")` between the kept marker lines, so
      `diff -r . OUT_DIR` shows exactly what was taken out. With --only, only the named assignments
      are stubbed and every other file keeps its solution, so each assignment is handed out (and
@@ -37,8 +37,9 @@ SKIP_DIRS = {".git", "out", "__pycache__"}
 # The assignment files, one per concept: `--only` names some of them.
 ASSIGNMENTS = ("mla", "moe", "mtp", "fp8", "grpo", "distill")
 # What never goes into a student copy: the hidden tests and the reference implementations they
-# compare against (a folder), the grader, and any answer key (by name, wherever it sits).
-HIDDEN = ("tests/hidden/", "tests/grade.py")
+# compare against (a folder), the grader and the kit's own tests (they need both), and any answer
+# key (by name, wherever it sits).
+HIDDEN = ("tests/hidden/", "tests/grade.py", "tests/test_kit.py")
 ANSWER_KEY_WORDS = ("answer_key", "answer-key", "answerkey")
 
 

@@ -154,7 +154,8 @@ def test_only_stubs_the_named_assignments_and_keeps_every_other_solution(tmp_pat
 
 def test_hidden_tests_grader_and_answer_keys_stay_out():
     for path in ("tests/hidden/reference_impl.py", "tests/hidden/test_moe_hidden.py",
-                 "tests/grade.py", "notebooks/answer_key.md", "ANSWER-KEY.txt"):
+                 "tests/grade.py", "tests/test_kit.py", "notebooks/answer_key.md",
+                 "ANSWER-KEY.txt"):
         assert kit.is_hidden(Path(path)), path
     for path in ("tests/test_moe.py", "tests/demo_figures.json", "tests/demo_figures.py",
                  "tests/hiddenness.py", "mla.py"):
@@ -277,7 +278,8 @@ def entries_of(results: dict, concept: str) -> list[dict]:
 
 
 def test_student_copy_has_no_hidden_file_and_its_public_tests_collect(stubbed):
-    assert not (stubbed / "tests" / "hidden").exists() and not (stubbed / "tests/grade.py").exists()
+    for hidden in kit.HIDDEN:
+        assert not (stubbed / hidden).exists(), f"{hidden} must stay out of the student copy"
     r = run(["-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *PUBLIC], stubbed)
     assert r.returncode == 0, f"the student copy's public tests must import:\n{r.stdout[-3000:]}"
 
