@@ -183,7 +183,8 @@ def make_student_version(out_dir: Path, root: Path = ROOT, only=None) -> dict[st
     Returns {path of each stubbed .py file with regions: its number of regions}.
     """
     only = parse_only(only)
-    root, out_dir = root.resolve(), out_dir.resolve()
+    root = Path(root).resolve()
+    out_dir = Path(out_dir).resolve()
     if out_dir == root or root in out_dir.parents:
         raise KitError(f"OUT_DIR {out_dir} is inside the repo {root}: choose a folder outside it")
     if out_dir.exists() and not out_dir.is_dir():
