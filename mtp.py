@@ -226,7 +226,7 @@ def _verify(logits: Tensor, draft: int, q: Tensor | None, temperature: float,
         best = logits.argmax(-1).tolist()
         keep = best[0] == draft
         return keep, best[1] if keep else best[0]
-    ### BEGIN SOLUTION: keep d w.p. min(1, p/q), else resample norm(max(0, p - q)) (V3 §5.4.3)
+    ### BEGIN SOLUTION: keep d w.p. min(1, p/q), else resample norm(max(0, p - q)) (Leviathan 2023)
     p = torch.softmax(logits / temperature, dim=-1)                       # [2, V]
     # 2. Keep d with probability min(1, p(d)/q(d)): u < p/q for u ~ U[0, 1), written without the
     #    division.

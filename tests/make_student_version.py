@@ -180,7 +180,8 @@ def make_student_version(out_dir: Path, root: Path = ROOT, only=None) -> dict[st
     "mla,grpo"): then only the regions of those assignment files are stubbed and every other file
     keeps its solution; () stubs nothing (the solution copy, for checking the grader). Unknown
     names, bad markers and a bad out_dir raise KitError before anything is written.
-    Returns {path of each stubbed .py file with regions: its number of regions}.
+    Returns {path of each stubbed .py file with regions: its number of regions, and of each
+    notebook with stubbed exercise cells: their number}.
     """
     only = parse_only(only)
     root = Path(root).resolve()
@@ -200,9 +201,13 @@ def make_student_version(out_dir: Path, root: Path = ROOT, only=None) -> dict[st
         shutil.copy2(root / p, dst)
         if p in students:
             dst.write_text(students[p][0], encoding="utf-8")
-    # 2. the notebooks: student_notebooks.write_student_notebooks(root, out_dir, only) goes here,
-    #    after the .py files (it overwrites out_dir/notebooks/*.ipynb; set(only) or None)
-    return {str(p): n for p, (_, n) in students.items() if n}
+    # 2. the notebooks, after the .py files: their student copies replace the copied ones
+    #    (exercise cells stubbed, answer cells and outputs removed)
+    import student_notebooks
+    cells = student_notebooks.write_student_notebooks(root, out_dir,
+                                                      None if only is None else set(only))
+    regions = {str(p): n for p, (_, n) in students.items() if n}
+    return {**regions, **{nb: n for nb, n in cells.items() if n}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     n_files = sum(not is_hidden(p) for p in tracked_files(ROOT))
     print(f"student version of {ROOT} written to {args.out_dir.resolve()} ({n_files} files)")
     for path, n in regions.items():
-        print(f"  {path:<12} {n} region{'s' * (n != 1)}")
-    print(f"  total: {sum(regions.values())} regions in {len(regions)} files")
+        what = "exercise cell" if path.endswith(".ipynb") else "region"
+        print(f"  {path:<28} {n} {what}{'s' * (n != 1)}")
+    print(f"  total: {sum(regions.values())} stubs in {len(regions)} files")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,19 @@ import torch
 
 import distill
 import grpo
+import mla
 import train
 from moe import MoE
 
 WIDTH = 6
+
+
+@pytest.fixture(autouse=True)
+def _naive_decoding(monkeypatch):
+    """Rollouts decode with MLA's naive attention, and the tiny teachers below are dense with no
+    MTP module: distillation is an assignment graded alone, so MLA's, MoE's and MTP's regions
+    (other assignments) must not decide these tests."""
+    monkeypatch.setattr(mla.MLA, "_attend_absorb", mla.MLA._attend_naive)
 
 
 def tiny_world():
@@ -25,7 +34,7 @@ def traces_from_texts(enc, problems, texts):
     tokens, mask = grpo.layout(prompts, [train.encode(enc, r) for r in texts],
                                train.special_id(enc, "<|pad|>"))
     return grpo.Rollout(tokens, mask, torch.arange(len(texts)), torch.zeros(len(texts)), list(texts),
-                        [a + b for a, b in problems], 0.0)
+                        [a + b for a, b in problems], 0.0, [train.encode(enc, r) for r in texts])
 
 
 # ----------------------------------------------------------------------------- rejection sampling
@@ -66,6 +75,7 @@ def test_teacher_traces_keeps_exactly_the_good_rows(monkeypatch):
 # ----------------------------------------------------------------------------- the losses
 
 
+@pytest.mark.points(0)
 def test_sft_loss_counts_response_tokens_only():
     enc, _ = tiny_world()
     ro = traces_from_texts(enc, [(4738, 2591), (3, 4)], [GOOD_THINK, "<answer>0000007</answer>"])
@@ -82,6 +92,7 @@ def test_sft_loss_counts_response_tokens_only():
     assert not torch.allclose(distill.sft_loss(changed, ro.tokens, ro.mask), loss)
 
 
+@pytest.mark.points(0)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_kd_loss_zero_iff_equal(temperature):
     torch.manual_seed(0)
@@ -98,6 +109,7 @@ def test_kd_loss_zero_iff_equal(temperature):
     assert kd.item() > 0 and torch.allclose(kd, by_hand, atol=1e-6)
 
 
+@pytest.mark.points(0)
 @pytest.mark.parametrize("mode", ["seq", "token"])
 def test_distill_train_lowers_its_loss(mode):
     torch.manual_seed(0)
@@ -116,6 +128,7 @@ def test_distill_train_lowers_its_loss(mode):
 # ----------------------------------------------------------------------------- the student
 
 
+@pytest.mark.points(0)
 def test_student_is_smaller_dense_and_shares_the_tokenizer():
     cfg = train.Config()
     student_cfg = train.student_config(cfg)
@@ -134,10 +147,12 @@ def test_student_is_smaller_dense_and_shares_the_tokenizer():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.points(0)
 def test_smoke_run_end_to_end(tmp_path, monkeypatch):
     torch.manual_seed(0)
     # a tiny teacher on 2-digit sums, and RL on 2 prompts x G = 2: a smoke run, not a measurement
-    tiny = train.tiny_config(steps=4, eval_interval=4, eval_n=8, out=str(tmp_path / "t"), device="cpu")
+    tiny = train.tiny_config(steps=4, eval_interval=4, eval_n=8, out=str(tmp_path / "t"), device="cpu",
+                             student=True)
     train.train(tiny)
     monkeypatch.setattr(grpo, "GRPOConfig", small_rl(grpo.GRPOConfig))
     cfg = distill.DistillConfig(teacher=str(tmp_path / "t" / "ckpt.pt"), out=str(tmp_path / "d"), seeds=2,
@@ -155,6 +170,7 @@ def test_smoke_run_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "d" / "student" / "ckpt.pt").exists()
 
 
+@pytest.mark.points(0)
 def test_missing_teacher_and_bad_flags_fail_clearly(tmp_path):
     with pytest.raises(SystemExit, match="no teacher checkpoint"):
         distill.main(["--teacher", str(tmp_path / "nope.pt")])
@@ -204,7 +220,8 @@ def tiny_base(tmp_path_factory):
     """A tiny zero-world model (2-digit sums) and an R1-Zero run of 2 steps from it."""
     root = tmp_path_factory.mktemp("r1")
     torch.manual_seed(0)
-    cfg = train.tiny_config(steps=30, eval_interval=30, out=str(root / "pre"), device="cpu")
+    cfg = train.tiny_config(steps=30, eval_interval=30, out=str(root / "pre"), device="cpu",
+                            student=True)
     train.train(cfg)
     model, enc, base_cfg, _ = train.load_checkpoint(str(root / "pre" / "ckpt.pt"))
     g = grpo.GRPOConfig(steps=2, n_prompts=2, group_size=2, n=4, pass_k=1, bench_prompts=0)
@@ -213,6 +230,7 @@ def tiny_base(tmp_path_factory):
     return root
 
 
+@pytest.mark.points(0)
 def test_r1_pipeline_chains_its_stages_and_fine_tunes_the_base(tiny_base, tmp_path, monkeypatch):
     root = tiny_base
     base, _, _, _ = train.load_checkpoint(str(root / "pre" / "ckpt.pt"))
@@ -264,6 +282,7 @@ def small_rl(config_class):
     return make
 
 
+@pytest.mark.points(0)
 def test_r1_recipe_checks_its_inputs_before_any_work(tiny_base, tmp_path):
     root = tiny_base
     with pytest.raises(SystemExit, match="no base checkpoint"):
@@ -279,7 +298,7 @@ def test_r1_recipe_checks_its_inputs_before_any_work(tiny_base, tmp_path):
     assert distill.parse_config(["--recipe", "r1"]).out == "out/r1"
     assert distill.parse_config([]).out == "out/distill"
     # a choice-world base has no notations to be consistent in
-    choice = train.tiny_config(steps=1, eval_interval=1, world="choice",
+    choice = train.tiny_config(steps=1, eval_interval=1, world="choice", student=True,
                                out=str(tmp_path / "choice"), device="cpu")
     train.train(choice)
     with pytest.raises(SystemExit, match="not a zero-world model"):
@@ -289,6 +308,7 @@ def test_r1_recipe_checks_its_inputs_before_any_work(tiny_base, tmp_path):
 
 # ------------------------------------------------------------------------ on-policy distillation
 
+@pytest.mark.points(0)
 def test_reverse_kl_by_hand_zero_at_equal_masked_and_its_gradient_sign():
     # a vocabulary of 3: student p_s = softmax(s), teacher p_t = softmax(t) at one response position
     t = torch.tensor([[[0.0, 1.0, 2.0], [5.0, 0.0, 0.0]]])                  # [1, 2, 3]
@@ -308,9 +328,10 @@ def test_reverse_kl_by_hand_zero_at_equal_masked_and_its_gradient_sign():
     assert abs(distill.kd_loss(s.detach(), t, mask).item() - loss.item()) > 1e-3
 
 
+@pytest.mark.points(0)
 def test_on_policy_distillation_lowers_the_reverse_kl_and_counts_its_compute():
     torch.manual_seed(0)
-    cfg = train.tiny_config(max_digits=2)
+    cfg = train.tiny_config(max_digits=2, width=64, student=True)
     enc, _, _ = train.make_tokenizer_and_world(cfg.train, 8)
     teacher = train.build_model(cfg, enc, "cpu")
     student = train.build_model(train.tiny_config(max_digits=2, student=True), enc, "cpu")
@@ -326,6 +347,7 @@ def test_on_policy_distillation_lowers_the_reverse_kl_and_counts_its_compute():
 
 # ------------------------------------------------------------------- the distilled family (--sizes)
 
+@pytest.mark.points(0)
 def test_family_students_are_dense_share_the_world_and_grow_as_named():
     cfg = train.Config()
     enc, _ = tiny_world()
@@ -344,6 +366,7 @@ def test_family_students_are_dense_share_the_world_and_grow_as_named():
     assert distill.family_config(cfg, "0.4M").model == train.student_config(cfg).model
 
 
+@pytest.mark.points(0)
 def test_teacher_compute_counters_of_sft_and_kd():
     enc, _ = tiny_world()
     problems = [(4738, 2591), (1000, 0), (12, 34), (5, 5)]
@@ -354,7 +377,7 @@ def test_teacher_compute_counters_of_sft_and_kd():
     assert pool.texts == texts[:2] and torch.equal(pool.tokens, traces.tokens[:2])
     torch.manual_seed(0)
     cfg = train.Config()
-    teacher = train.build_model(cfg, enc, "cpu")
+    teacher = train.build_model(distill.family_config(cfg, "0.4M"), enc, "cpu")
     student = train.build_model(distill.family_config(cfg, "0.15M"), enc, "cpu")
     dcfg = distill.DistillConfig(updates=3, batch_size=2)
     counters = {"teacher_forward_rows": 0, "teacher_forward_tokens": 0}
@@ -370,6 +393,7 @@ def test_teacher_compute_counters_of_sft_and_kd():
     assert c["teacher_tokens"] == 150 and c["teacher_samples"] == 8
 
 
+@pytest.mark.points(0)
 def test_interpolate_reads_a_curve_between_its_points():
     points = [(200.0, 0.6), (100.0, 0.4)]
     assert distill.interpolate(points, 150.0) == pytest.approx(0.5)
@@ -380,10 +404,11 @@ def test_interpolate_reads_a_curve_between_its_points():
 TINY_FAMILY = {"a": (16, 1, 2, 8, 8, 4, 8, 32), "b": (24, 1, 2, 8, 8, 4, 8, 48)}
 
 
+@pytest.mark.points(0)
 def test_family_run_writes_the_contract_and_resumes_by_cell(tmp_path, monkeypatch):
     torch.manual_seed(0)
     tiny = train.tiny_config(steps=4, eval_interval=4, eval_n=8, out=str(tmp_path / "t"),
-                             device="cpu")
+                             device="cpu", student=True)
     train.train(tiny)
     monkeypatch.setattr(grpo, "GRPOConfig", small_rl(grpo.GRPOConfig))
     monkeypatch.setattr(distill, "FAMILY", TINY_FAMILY)
@@ -435,6 +460,7 @@ def test_family_run_writes_the_contract_and_resumes_by_cell(tmp_path, monkeypatc
     assert [p["updates"] for p in cell["curve"]["on_policy"]] == [1, 2]
 
 
+@pytest.mark.points(0)
 def test_family_flags_fail_clearly(tmp_path):
     assert distill.parse_config(["--sizes", "3"]).out == "out/distill_family"
     for flags in (["--sizes", "4"], ["--sizes", "2", "--only-seeds", "3"],
