@@ -220,12 +220,15 @@ def tiny_base(tmp_path_factory):
     """A tiny zero-world model (2-digit sums) and an R1-Zero run of 2 steps from it."""
     root = tmp_path_factory.mktemp("r1")
     torch.manual_seed(0)
-    cfg = train.tiny_config(steps=30, eval_interval=30, out=str(root / "pre"), device="cpu",
-                            student=True)
-    train.train(cfg)
-    model, enc, base_cfg, _ = train.load_checkpoint(str(root / "pre" / "ckpt.pt"))
-    g = grpo.GRPOConfig(steps=2, n_prompts=2, group_size=2, n=4, pass_k=1, bench_prompts=0)
-    summary = grpo.rl_train(model, enc, g, str(root / "zero"), base_cfg, verbose=False)
+    # module-scoped: the autouse naive-decoding fixture does not reach here
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mla.MLA, "_attend_absorb", mla.MLA._attend_naive)
+        cfg = train.tiny_config(steps=30, eval_interval=30, out=str(root / "pre"), device="cpu",
+                                student=True)
+        train.train(cfg)
+        model, enc, base_cfg, _ = train.load_checkpoint(str(root / "pre" / "ckpt.pt"))
+        g = grpo.GRPOConfig(steps=2, n_prompts=2, group_size=2, n=4, pass_k=1, bench_prompts=0)
+        summary = grpo.rl_train(model, enc, g, str(root / "zero"), base_cfg, verbose=False)
     grpo.write_outputs(summary, str(root / "zero"))
     return root
 
