@@ -675,16 +675,17 @@ def family_cell(cfg: DistillConfig, teacher: train.Transformer, enc, teacher_cfg
     # 6. on-policy distillation on the same prompts: no teacher sample, no reward
     t = time.time()
     model = trainable_copy(student)
-    evaluating = [0.0]
+    evaluating = 0.0
 
     def on_update(update: int, counts: dict) -> None:
+        nonlocal evaluating
         if update in ON_POLICY_EVALS and update < cfg.updates:
             t_eval = time.time()
             point = {"updates": update, "accuracy": held_out(model)["accuracy"],
                      **teacher_compute(rows=counts["teacher_forward_rows"],
                                        tokens=counts["teacher_forward_tokens"])}
             curve["on_policy"].append(point)
-            evaluating[0] += time.time() - t_eval
+            evaluating += time.time() - t_eval
 
     counts = on_policy_distill(model, teacher, enc, problems, width, cfg.updates,
                                cfg.on_policy_prompts, ON_POLICY_G, cfg.lr, seed, world, on_update)
@@ -693,7 +694,7 @@ def family_cell(cfg: DistillConfig, teacher: train.Transformer, enc, teacher_cfg
                               tokens=counts["teacher_forward_tokens"])
     curve["on_policy"].append({"updates": cfg.updates, "accuracy": figures["accuracy"],
                                **compute})
-    record("on_policy", figures, time.time() - t - evaluating[0], cfg.updates, compute)
+    record("on_policy", figures, time.time() - t - evaluating, cfg.updates, compute)
     # 7. distillation, then RL: GRPO on the SFT student at the low lr of (d)
     t = time.time()
     rl = student_rl(sft_model, enc, scfg, cfg.updates, cfg.distill_rl_lr, cfg.n, seed)

@@ -10,10 +10,12 @@ How a notebook marks its exercises (the conventions of the instructor kit):
   * a "your turn" cell calls `check("NN.K", value)` from notebooks/checks.py, whose reference values
     are data (notebooks/checks/NN_name.json); written or experimental work is a markdown cell that
     starts `**Deliverable NN.K (written)**:` or `**Deliverable NN.K (experimental)**:`.
-Every code cell of the student copy has its outputs cleared, so nothing computed by a solution shows.
+Every code cell of the student copy has its outputs cleared, so nothing computed by a solution
+shows.
 
     python tests/student_notebooks.py --answer-key KEY.md     # the answer key, for instructors only
-    python tests/student_notebooks.py --out DIR [--only mla]  # DIR/notebooks/*.ipynb, student copies
+    python tests/student_notebooks.py --out DIR [--only mla]  # DIR/notebooks/*.ipynb: students'
+
 
 tests/make_student_version.py calls write_student_notebooks for the student copy of the repo; the
 answer key is never written into it.
@@ -87,16 +89,21 @@ def _number(name: str) -> str | None:
     return stem[:2] if stem[:2].isdigit() else None
 
 
+def checked_cells(nb, name: str):
+    """(index, cell, "<name> cell <i>", its tags) for every cell of nb, each checked first."""
+    number = _number(name)
+    for i, cell in enumerate(nb.cells):
+        where = f"{name} cell {i}"
+        _check_cell(cell, where, number)
+        yield i, cell, where, tags(cell)
+
+
 def student_notebook(nb, stub: bool = True, name: str = "notebook"):
     """A student copy of nb: answer cells dropped, solution cells stubbed (if stub), every output
     cleared. nb itself is not modified."""
     out = copy.deepcopy(nb)
-    number = _number(name)
     cells = []
-    for i, cell in enumerate(out.cells):
-        where = f"{name} cell {i}"
-        _check_cell(cell, where, number)
-        cell_tags = tags(cell)
+    for _, cell, where, cell_tags in checked_cells(out, name):
         if "answer" in cell_tags:
             continue
         if cell.cell_type == "code":
@@ -138,10 +145,7 @@ def answer_key(nbs, checks: dict[str, str] | None = None) -> str:
     for name, nb in _as_pairs(nbs):
         number = _number(name)
         body = []
-        for i, cell in enumerate(nb.cells):
-            where = f"{name} cell {i}"
-            _check_cell(cell, where, number)
-            cell_tags = tags(cell)
+        for i, cell, where, cell_tags in checked_cells(nb, name):
             text = cell.source.strip()
             if "solution" in cell_tags:
                 exercise, what = exercise_header(cell, where)
@@ -152,7 +156,8 @@ def answer_key(nbs, checks: dict[str, str] | None = None) -> str:
                 body += [text, ""]
             elif cell.cell_type == "markdown" and text.startswith("**Deliverable"):
                 body += ["> " + line for line in text.splitlines()] + [""]
-        expected = [f"- `{k}`: {v}" for k, v in sorted(checks.items()) if k.startswith(f"{number}.")]
+        expected = [f"- `{k}`: {v}" for k, v in sorted(checks.items())
+                    if k.startswith(f"{number}.")]
         if expected:
             body += ["What the check cells expect (notebooks/checks/):", "", *expected, ""]
         if body:
@@ -161,7 +166,8 @@ def answer_key(nbs, checks: dict[str, str] | None = None) -> str:
 
 
 def check_expectations(root: Path) -> dict[str, str]:
-    """{exercise id: "<what>: <expected>"} from root's notebooks/checks.py and its reference data."""
+    """{exercise id: "<what>: <expected>"} from root's notebooks/checks.py and its reference
+    data."""
     path = Path(root) / "notebooks" / "checks.py"
     if not path.exists():
         return {}
@@ -192,7 +198,8 @@ def notebook_paths(root: Path) -> list[Path]:
     return sorted((Path(root) / "notebooks").glob("*.ipynb"))
 
 
-def write_student_notebooks(root: Path, out_dir: Path, only: set[str] | None = None) -> dict[str, int]:
+def write_student_notebooks(root: Path, out_dir: Path, only: set[str] | None = None
+                            ) -> dict[str, int]:
     """Write the student copy of every root/notebooks/*.ipynb to out_dir/notebooks/ (overwriting).
 
     only: the assignments handed out (mla, moe, mtp, fp8, grpo, distill); then only the notebooks of
@@ -215,7 +222,8 @@ def write_student_notebooks(root: Path, out_dir: Path, only: set[str] | None = N
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="The notebooks' answer key, or their student copies.")
     ap.add_argument("--answer-key", type=Path, metavar="FILE",
-                    help="write the instructors' answer key (markdown) to FILE (default: not written)")
+                    help="write the instructors' answer key (markdown) to FILE "
+                         "(default: not written)")
     ap.add_argument("--out", type=Path, metavar="DIR",
                     help="write student copies to DIR/notebooks/ (default: not written)")
     ap.add_argument("--only", default=None,
@@ -234,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             total = sum(count_exercises(nb) for nb in nbs.values())
             print(f"answer key for {total} exercises in {len(nbs)} notebooks: {args.answer_key}")
         if args.out is not None:
-            only = None if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
+            names = [] if args.only is None else args.only.split(",")
+            only = None if args.only is None else {s.strip() for s in names if s.strip()}
             counts = write_student_notebooks(args.root, args.out, only)
             for name, n in counts.items():
                 print(f"  {name:<28} {n} exercise cell{'s' * (n != 1)} stubbed")

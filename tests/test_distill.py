@@ -33,8 +33,9 @@ def traces_from_texts(enc, problems, texts):
     prompts = [train.encode(enc, p) for p in grpo.template(problems, WIDTH)]
     tokens, mask = grpo.layout(prompts, [train.encode(enc, r) for r in texts],
                                train.special_id(enc, "<|pad|>"))
-    return grpo.Rollout(tokens, mask, torch.arange(len(texts)), torch.zeros(len(texts)), list(texts),
-                        [a + b for a, b in problems], 0.0, [train.encode(enc, r) for r in texts])
+    ids = [train.encode(enc, r) for r in texts]
+    return grpo.Rollout(tokens, mask, torch.arange(len(texts)), torch.zeros(len(texts)),
+                        list(texts), [a + b for a, b in problems], 0.0, ids)
 
 
 # ----------------------------------------------------------------------------- rejection sampling

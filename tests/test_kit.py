@@ -143,7 +143,8 @@ def test_only_stubs_the_named_assignments_and_keeps_every_other_solution(tmp_pat
     out = tmp_path / "student"
     regions = kit.make_student_version(out, only="grpo,mla")
     # the notebooks of the named assignments only get their exercises stubbed
-    assert set(regions) == {"mla.py", "grpo.py", "notebooks/01_mla.ipynb", "notebooks/06_grpo.ipynb"}
+    assert set(regions) == {"mla.py", "grpo.py", "notebooks/01_mla.ipynb",
+                            "notebooks/06_grpo.ipynb"}
     for c in CONCEPTS:
         ours = (kit.ROOT / f"{c}.py").read_text(encoding="utf-8")
         theirs = (out / f"{c}.py").read_text(encoding="utf-8")

@@ -1,6 +1,7 @@
 """The student copy of the notebooks works as a course: each notebook with exercises runs, in small
 mode, up to its first unfinished piece and stops there with a NotImplementedError that names it (a
-notebook exercise, "exercise NN.K: ...", or the concept-file assignment it reached first), and the kit's
+notebook exercise, "exercise NN.K: ...", or the concept-file assignment it reached first), and the
+kit's
 pieces (student_notebook, answer_key, write_student_notebooks, check) do what they promise.
 
 The copy is the real one a student gets: the repo's files, the concept files' solutions stripped
@@ -64,8 +65,10 @@ def test_student_notebook_stubs_solutions_keeps_hints_drops_answers_and_outputs(
         run_source(sources[1])
     assert not any("Answer" in s or "instructors only" in s for s in sources), "answers leak"
     assert "**Deliverable 01.2 (written)**: say why." in sources
-    assert all(c.outputs == [] and c.execution_count is None for c in student.cells if c.cell_type == "code")
-    assert nb.cells[1].source.endswith('x = "two"') and nb.cells[1].outputs, "the input is not modified"
+    code = [c for c in student.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert nb.cells[1].source.endswith('x = "two"') and nb.cells[1].outputs, \
+        "the input is not modified"
     kept = sn.student_notebook(nb, stub=False, name="01_tiny.ipynb")
     assert run_source(kept.cells[1].source)["x"] == "two", "stub=False keeps the solution"
     assert len(kept.cells) == 4 and not kept.cells[1].outputs
@@ -103,7 +106,8 @@ def test_write_student_notebooks_stubs_only_the_assignments_handed_out(tmp_path)
             nb.cells = nb.cells[:2]
         nbformat.write(nb, root / "notebooks" / name)
     out = tmp_path / "student"
-    assert sn.write_student_notebooks(root, out) == {"notebooks/01_tiny.ipynb": 1, "notebooks/05_other.ipynb": 1}
+    assert sn.write_student_notebooks(root, out) == {"notebooks/01_tiny.ipynb": 1,
+                                                     "notebooks/05_other.ipynb": 1}
     written = nbformat.read(out / "notebooks" / "01_tiny.ipynb", as_version=4)
     assert "raise NotImplementedError" in written.cells[1].source and len(written.cells) == 4
     # --only: notebook 01 belongs to mla; 05 has no assignment of its own, so it keeps its solution
@@ -148,7 +152,8 @@ def test_every_exercise_is_checked_or_handed_in(path):
     solved = {sn.exercise_header(c)[0] for c in nb.cells if "solution" in sn.tags(c)}
     checked = {e for c in nb.cells if c.cell_type == "code" for e in CHECK_CALL.findall(c.source)}
     unchecked = sorted(e for e in announced if e not in checked and e not in handed_in)
-    assert not unchecked, f"{path.name}: exercises with neither a check nor a deliverable: {unchecked}"
+    assert not unchecked, \
+        f"{path.name}: exercises with neither a check nor a deliverable: {unchecked}"
     unsolved = sorted(checked - solved)
     assert not unsolved, f"{path.name}: checks with no solution cell of the same id: {unsolved}"
 
@@ -209,7 +214,8 @@ def test_every_check_in_the_notebooks_has_reference_data_and_every_reference_is_
                 for exercise in CHECK_CALL.findall(cell.source):
                     used[exercise] = path.name
     for exercise, name in used.items():
-        assert exercise[:2] == name[:2], f"{name}: check({exercise!r}) is numbered for another notebook"
+        assert exercise[:2] == name[:2], \
+            f"{name}: check({exercise!r}) is numbered for another notebook"
         ref = checks.reference(exercise)
         assert "value" in ref or "min" in ref or "max" in ref, f"{exercise}: no value and no range"
     shipped = set()
@@ -292,7 +298,8 @@ def run_until_first_error(kc, path: Path):
     def quiet(msg):
         return None
 
-    setup = kc.execute_interactive(RESET.format(folder=str(path.parent)), timeout=60, output_hook=quiet)
+    setup = kc.execute_interactive(RESET.format(folder=str(path.parent)), timeout=60,
+                                   output_hook=quiet)
     assert setup["content"]["status"] == "ok", f"could not reset the kernel before {path.name}"
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
@@ -306,7 +313,8 @@ def run_until_first_error(kc, path: Path):
 
 
 @pytest.mark.parametrize("name", [p.name for p in NOTEBOOKS])
-def test_student_notebook_stops_at_its_first_stub_with_the_named_message(student_copy, outcomes, name):
+def test_student_notebook_stops_at_its_first_stub_with_the_named_message(student_copy, outcomes,
+                                                                        name):
     _, stubbed, messages = student_copy
     outcome = outcomes[name]
     print(f"{name}: {outcome}")
